@@ -1,0 +1,282 @@
+"""The PixelFlow transformer: one class-conditional DiT-style network shared by every stage.
+
+Weight-for-weight compatible with the released ImageNet-256 "XL/4" checkpoint: the module
+tree below reproduces its state_dict key names (see ``tests/data/*manifest.json``).
+Named sizes live in :data:`PIXELFLOW_CONFIGS`; build one with :func:`build_model`.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["PixelFlowTransformer", "PIXELFLOW_CONFIGS", "build_model", "rope_2d"]
+
+
+def sinusoid(values: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Cosine-first sinusoidal embedding with frequencies exp(-ln(P) k / (dim/2 - 1))."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=values.device)
+    freqs = torch.exp(exponent / (half - 1))
+    angles = values.float()[:, None] * freqs[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class ScalarEmbedder(nn.Module):
+    """Sinusoid of a scalar (timestep or grid side) followed by Linear-SiLU-Linear."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.linear_1 = nn.Linear(freq_dim, hidden)
+        self.linear_2 = nn.Linear(hidden, hidden)
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        emb = sinusoid(values, self.freq_dim).to(self.linear_1.weight.dtype)
+        return self.linear_2(F.silu(self.linear_1(emb)))
+
+
+class ClassEmbedder(nn.Module):
+    """Class table with one extra row (index ``num_classes``) for the null / unconditional class."""
+
+    def __init__(self, num_classes: int, hidden: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(labels.long())
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch projection; tokens in row-major order."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+@lru_cache(maxsize=32)
+def _rope_tables(grid: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    half = head_dim // 2
+    inv_freq = 1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float64) / half)
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    angles = torch.cat([cols.reshape(-1, 1) * inv_freq, rows.reshape(-1, 1) * inv_freq], dim=1)
+    angles = angles.repeat_interleave(2, dim=1)  # (g*g, head_dim): consecutive pairs share an angle
+    return angles.cos().float().to(device), angles.sin().float().to(device)
+
+
+def rope_2d(grid: int, head_dim: int, theta: float = 10000.0, device: torch.device | str = "cpu"):
+    """(cos, sin) of shape (grid*grid, head_dim): first half follows the column, second the row."""
+    return _rope_tables(grid, head_dim, theta, torch.device(device))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (a, b) -> (a cos - b sin, b cos + a sin); x is (B, H, S, head_dim)."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a whole-width RMS QK-norm and 2D RoPE."""
+
+    def __init__(self, hidden: int, num_heads: int, head_dim: int, bias: bool = True):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        inner = num_heads * head_dim
+        self.q_proj = nn.Linear(hidden, inner, bias=bias)
+        self.k_proj = nn.Linear(hidden, inner, bias=bias)
+        self.v_proj = nn.Linear(hidden, inner, bias=bias)
+        self.o_proj = nn.Linear(inner, hidden, bias=bias)
+        self.q_norm = nn.RMSNorm(inner, eps=1e-6)
+        self.k_norm = nn.RMSNorm(inner, eps=1e-6)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+        q = heads(self.q_norm(self.q_proj(x).float()).to(x.dtype))
+        k = heads(self.k_norm(self.k_proj(x).float()).to(x.dtype))
+        v = heads(self.v_proj(x))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.o_proj(out.transpose(1, 2).flatten(2))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, hidden: int, mult: int = 4):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden, hidden * mult)
+        self.fc2 = nn.Linear(hidden * mult, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class AdaLNModulation(nn.Module):
+    """SiLU -> Linear producing ``chunks`` per-channel modulation vectors, computed in fp32."""
+
+    def __init__(self, hidden: int, chunks: int):
+        super().__init__()
+        self.chunks = chunks
+        self.linear = nn.Linear(hidden, chunks * hidden)
+
+    def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.autocast(device_type=c.device.type, enabled=False):
+            out = F.linear(F.silu(c.float()), self.linear.weight.float(), self.linear.bias.float())
+        return out[:, None, :].chunk(self.chunks, dim=-1)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm adaLN-Zero block: LayerNorm for attention, learned RMSNorm for the MLP."""
+
+    def __init__(self, hidden: int, num_heads: int, head_dim: int, bias: bool = True):
+        super().__init__()
+        self.norm1 = AdaLNModulation(hidden, 6)
+        self.attn1 = Attention(hidden, num_heads, head_dim, bias)
+        self.norm3 = nn.RMSNorm(hidden, eps=1e-6)
+        self.mlp = FeedForward(hidden)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(c)
+        h = F.layer_norm(x.float(), x.shape[-1:], eps=1e-6) * (1 + scale_msa) + shift_msa
+        x = x + (gate_msa * self.attn1(h.to(x.dtype), cos, sin)).to(x.dtype)
+        h = self.norm3(x.float()) * (1 + scale_mlp) + shift_mlp
+        return x + (gate_mlp * self.mlp(h.to(x.dtype))).to(x.dtype)
+
+
+class PixelFlowTransformer(nn.Module):
+    """Class-conditional flow transformer; one set of weights serves every cascade stage.
+
+    ``forward(x, timestep, class_labels)`` maps a stage image ``x`` (B, C, s, s) in [-1, 1],
+    a global timestep T in [0, 999] (scalar or (B,)) and labels (B,) (``num_classes`` = null)
+    to the velocity (B, C, s, s). The stage is told to the network by r = s / patch_size.
+    """
+
+    def __init__(
+        self,
+        num_attention_heads: int = 16,
+        attention_head_dim: int = 72,
+        depth: int = 28,
+        num_classes: int = 1000,
+        patch_size: int = 4,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        attention_bias: bool = True,
+        rope_theta: float = 10000.0,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if attention_head_dim % 4:
+            raise ValueError(f"attention_head_dim must be divisible by 4 for 2D RoPE, got {attention_head_dim}")
+        hidden = num_attention_heads * attention_head_dim
+        self.hidden_size, self.head_dim = hidden, attention_head_dim
+        self.num_classes, self.patch_size = num_classes, patch_size
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.rope_theta = rope_theta
+        self.gradient_checkpointing = gradient_checkpointing
+
+        self.patch_embed = PatchEmbed(patch_size, in_channels, hidden)
+        self.timestep_embedder = ScalarEmbedder(hidden)
+        self.latent_size_embedder = ScalarEmbedder(hidden)
+        self.class_embedder = ClassEmbedder(num_classes, hidden)
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(hidden, num_attention_heads, attention_head_dim, attention_bias) for _ in range(depth)
+        )
+        self.proj_out_1 = nn.Linear(hidden, 2 * hidden)
+        self.proj_out_2 = nn.Linear(hidden, patch_size * patch_size * out_channels)
+        self.reset_parameters()
+
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def reset_parameters(self) -> None:
+        """Published initialisation: Xavier Linears, N(0, 0.02) embeddings, zero adaLN and output."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        proj = self.patch_embed.proj
+        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+        nn.init.zeros_(proj.bias)
+        for embedder in (self.timestep_embedder, self.latent_size_embedder):
+            nn.init.normal_(embedder.linear_1.weight, std=0.02)
+            nn.init.normal_(embedder.linear_2.weight, std=0.02)
+        nn.init.normal_(self.class_embedder.embedding_table.weight, std=0.02)
+        for block in self.transformer_blocks:
+            nn.init.zeros_(block.norm1.linear.weight)
+            nn.init.zeros_(block.norm1.linear.bias)
+        for layer in (self.proj_out_1, self.proj_out_2):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def condition(self, timestep: torch.Tensor, class_labels: torch.Tensor, grid: int) -> torch.Tensor:
+        """Conditioning vector c = MLP_t(sin T) + E[y] + MLP_r(sin r), shape (B, D)."""
+        batch = class_labels.shape[0]
+        timestep = torch.as_tensor(timestep, device=class_labels.device).reshape(-1).expand(batch)
+        r = torch.full((1,), grid, device=class_labels.device)
+        return self.timestep_embedder(timestep) + self.class_embedder(class_labels) + self.latent_size_embedder(r)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor | float,
+        class_labels: torch.Tensor,
+        return_intermediates: bool = False,
+    ):
+        batch, _, height, width = x.shape
+        p = self.patch_size
+        if height != width or height % p:
+            raise ValueError(f"input must be square with side divisible by patch size {p}, got {height}x{width}")
+        grid = height // p
+        c = self.condition(timestep, class_labels, grid)
+        tokens = self.patch_embed(x.float().to(self.patch_embed.proj.weight.dtype))
+        cos, sin = rope_2d(grid, self.head_dim, self.rope_theta, x.device)
+        intermediates = {"tokens_in": tokens, "cond": c, "blocks": []}
+        h = tokens
+        for block in self.transformer_blocks:
+            if self.gradient_checkpointing and self.training:
+                h = checkpoint(block, h, c, cos, sin, use_reentrant=False)
+            else:
+                h = block(h, c, cos, sin)
+            if return_intermediates:
+                intermediates["blocks"].append(h)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            shift, scale = self.proj_out_1(F.silu(c.float()))[:, None, :].chunk(2, dim=-1)
+        h = F.layer_norm(h.float(), h.shape[-1:], eps=1e-6) * (1 + scale) + shift
+        out = self.proj_out_2(h.to(tokens.dtype))
+        # Output features are ordered (row-in-patch, col-in-patch, channel).
+        out = out.reshape(batch, grid, grid, p, p, self.out_channels)
+        out = torch.einsum("nhwpqc->nchpwq", out).reshape(batch, self.out_channels, height, width)
+        return (out, intermediates) if return_intermediates else out
+
+
+PIXELFLOW_CONFIGS: dict[str, dict] = {
+    # The released ImageNet-256 model (676.6M parameters).
+    "XL/4": dict(num_attention_heads=16, attention_head_dim=72, depth=28, patch_size=4),
+    "L/4": dict(num_attention_heads=16, attention_head_dim=64, depth=24, patch_size=4),
+    "B/4": dict(num_attention_heads=12, attention_head_dim=64, depth=12, patch_size=4),
+    "S/4": dict(num_attention_heads=6, attention_head_dim=64, depth=12, patch_size=4),
+    # CPU quickstart on 32 px MNIST (patch 2: stage sides 4, 8, 16, 32).
+    "Tiny/2": dict(num_attention_heads=4, attention_head_dim=32, depth=4, patch_size=2),
+    # Unit tests: the layout of the public golden model.
+    "Test/2": dict(num_attention_heads=2, attention_head_dim=16, depth=2, patch_size=2),
+}
+
+
+def build_model(name: str, **overrides) -> PixelFlowTransformer:
+    """Build a named size from :data:`PIXELFLOW_CONFIGS`; keyword overrides win."""
+    if name not in PIXELFLOW_CONFIGS:
+        raise KeyError(f"unknown model size {name!r}; choose one of {sorted(PIXELFLOW_CONFIGS)}")
+    return PixelFlowTransformer(**{**PIXELFLOW_CONFIGS[name], **overrides})
