@@ -6,8 +6,10 @@ step count, shift and guidance scale is read from the folder, never assumed.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,3 +180,22 @@ class GoldenFolder:
         torch.set_grad_enabled(False)
         return [*self.check_forward(), *self.check_scheduler(), *self.check_targets(),
                 *self.check_euler(), *self.check_dopri5()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: print one row per check (max abs error, tolerance); exit 0 only if all pass."""
+    parser = argparse.ArgumentParser(description="Check pixelflow against a golden folder.")
+    parser.add_argument("--golden", required=True, help="folder laid out as tests/data/golden/README.md")
+    args = parser.parse_args(argv)
+    results = GoldenFolder(args.golden).run_all()
+    width = max(len(r.name) for r in results)
+    print(f"{'check':<{width}}  {'max abs err':>12}  {'tolerance':>10}  result")
+    for r in results:
+        print(f"{r.name:<{width}}  {r.error:>12.3e}  {r.tolerance:>10.1e}  {'PASS' if r.passed else 'FAIL'}")
+    failed = [r for r in results if not r.passed]
+    print(f"checks: {len(results) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

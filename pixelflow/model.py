@@ -8,6 +8,7 @@ Named sizes live in :data:`PIXELFLOW_CONFIGS`; build one with :func:`build_model
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from functools import lru_cache
 
 import torch
@@ -16,6 +17,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["PixelFlowTransformer", "PIXELFLOW_CONFIGS", "build_model", "rope_2d"]
+
+
+def fp32_region(device: torch.device):
+    """Disable autocast so the enclosed conditioning maths runs in fp32 (no-op on e.g. meta)."""
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return nullcontext()
 
 
 def sinusoid(values: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -131,7 +139,7 @@ class AdaLNModulation(nn.Module):
         self.linear = nn.Linear(hidden, chunks * hidden)
 
     def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        with torch.autocast(device_type=c.device.type, enabled=False):
+        with fp32_region(c.device):
             out = F.linear(F.silu(c.float()), self.linear.weight.float(), self.linear.bias.float())
         return out[:, None, :].chunk(self.chunks, dim=-1)
 
@@ -252,7 +260,7 @@ class PixelFlowTransformer(nn.Module):
                 h = block(h, c, cos, sin)
             if return_intermediates:
                 intermediates["blocks"].append(h)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with fp32_region(x.device):
             shift, scale = self.proj_out_1(F.silu(c.float()))[:, None, :].chunk(2, dim=-1)
         h = F.layer_norm(h.float(), h.shape[-1:], eps=1e-6) * (1 + scale) + shift
         out = self.proj_out_2(h.to(tokens.dtype))

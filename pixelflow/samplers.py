@@ -70,7 +70,7 @@ class CascadeNoise:
     def draw(
         cls, schedule: CascadeSchedule, batch: int, channels: int, doubled: bool,
         generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-    ) -> "CascadeNoise":
+    ) -> CascadeNoise:
         sides = schedule.stage_sides
         init = torch.randn((batch, channels, sides[0], sides[0]), generator=generator, device=device)
         rows = 2 * batch if doubled else batch

@@ -1,0 +1,142 @@
+"""Loading and exporting model weights: the released ``model.pt`` + ``config.yaml``, or a project ``.ckpt``.
+
+One entry point, :func:`load_pixelflow`, returns the network, its cascade schedule and class
+names. Every failure names the file, what is wrong and how to fix it. Files are always
+read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from pixelflow.cascade import CascadeSchedule
+from pixelflow.model import PixelFlowTransformer
+
+__all__ = ["LoadedModel", "CheckpointError", "load_pixelflow", "export_released_format", "model_kwargs"]
+
+_MODEL_KEYS = ("num_attention_heads", "attention_head_dim", "depth", "num_classes", "patch_size",
+               "in_channels", "out_channels", "attention_bias")
+RELEASED_URL = "https://huggingface.co/ShoufaChen/PixelFlow-Class2Image"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or does not match the model it is loaded into."""
+
+
+@dataclass
+class LoadedModel:
+    model: PixelFlowTransformer
+    schedule: CascadeSchedule
+    class_names: list[str] | None
+    source: str
+
+
+def model_kwargs(model: PixelFlowTransformer) -> dict[str, Any]:
+    """Constructor arguments that rebuild ``model`` (released ``config.yaml`` names)."""
+    return dict(
+        num_attention_heads=model.hidden_size // model.head_dim, attention_head_dim=model.head_dim,
+        depth=len(model.transformer_blocks), num_classes=model.num_classes, patch_size=model.patch_size,
+        in_channels=model.in_channels, out_channels=model.out_channels,
+        attention_bias=model.transformer_blocks[0].attn1.q_proj.bias is not None if model.transformer_blocks else True,
+    )
+
+
+def _torch_load(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist. For the released ImageNet model download "
+                              f"model.pt and config.yaml from {RELEASED_URL}; for your own, pass a run's .ckpt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for truncated / foreign files
+        raise CheckpointError(f"checkpoint {path} ({path.stat().st_size} bytes) could not be read: it is truncated, "
+                              f"corrupt or not a PyTorch file ({type(err).__name__}: {str(err)[:200]}). "
+                              "Re-download or re-export it.") from err
+
+
+def _build_and_load(state: dict[str, torch.Tensor], kwargs: dict[str, Any], source: Path) -> PixelFlowTransformer:
+    with torch.device("meta"):
+        model = PixelFlowTransformer(**kwargs)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & got.keys() if expected[k] != got[k])
+    if missing or unexpected or wrong:
+        details = "; ".join(filter(None, [
+            f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
+            f"{len(wrong)} with wrong shape (e.g. {wrong[0]}: file {got[wrong[0]]} vs model {expected[wrong[0]]})" if wrong else "",
+        ]))
+        raise CheckpointError(f"weights in {source} do not fit the model config {kwargs}: {details}. "
+                              "Check that the config (config.yaml / model=...) matches the checkpoint.")
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _load_released(path: Path, config_path: Path | None) -> LoadedModel:
+    config_path = config_path or path.with_name("config.yaml")
+    if not config_path.is_file():
+        raise CheckpointError(f"{path} is a plain state_dict and needs its config.yaml (looked for {config_path}); "
+                              f"download it from {RELEASED_URL} next to the weights or pass its path")
+    cfg = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    try:
+        params = cfg["model"]["params"]
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{config_path} has no model.params section; is it the released config.yaml?") from err
+    kwargs = {k: params[k] for k in _MODEL_KEYS if k in params}
+    sched = cfg.get("scheduler", {}) or {}
+    data = cfg.get("data", {}) or {}
+    schedule = CascadeSchedule(
+        image_size=int(data.get("resolution", data.get("image_size", 256))),
+        num_stages=int(sched.get("num_stages", 4)),
+        num_train_timesteps=int(sched.get("num_train_timesteps", 1000)),
+    )
+    state = _torch_load(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a flat state_dict of tensors")
+    names = cfg.get("class_names")
+    return LoadedModel(_build_and_load(state, kwargs, path), schedule, names, str(path))
+
+
+def _load_project(path: Path) -> LoadedModel:
+    ckpt = _torch_load(path)
+    meta = ckpt.get("pixelflow") if isinstance(ckpt, dict) else None
+    if meta is None:
+        raise CheckpointError(f"{path} is not a pixelflow training checkpoint (no 'pixelflow' section); "
+                              "for a plain state_dict use a .pt file with its config.yaml")
+    prefix = "ema.module." if meta.get("has_ema") else "model."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    schedule = CascadeSchedule(**meta["schedule"])
+    return LoadedModel(_build_and_load(state, meta["model"], path), schedule, meta.get("class_names"), str(path))
+
+
+def load_pixelflow(path: str | Path, config: str | Path | None = None) -> LoadedModel:
+    """Load a released ``model.pt`` (+ ``config.yaml`` beside it or ``config``) or a project ``.ckpt``.
+
+    Project checkpoints yield their EMA weights when they have them.
+    """
+    path = Path(path).expanduser()
+    if path.suffix == ".ckpt":
+        return _load_project(path)
+    return _load_released(path, Path(config).expanduser() if config else None)
+
+
+def export_released_format(model: PixelFlowTransformer, schedule: CascadeSchedule, out_dir: str | Path,
+                           class_names: list[str] | None = None) -> Path:
+    """Write ``model.pt`` (flat fp32 state_dict) and ``config.yaml`` in the released layout."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    torch.save(state, out / "model.pt")
+    cfg = {"model": {"target": "pixelflow.model.PixelFlowTransformer", "params": model_kwargs(model)},
+           "scheduler": {"num_train_timesteps": schedule.num_train_timesteps, "num_stages": schedule.num_stages},
+           "data": {"resolution": schedule.image_size}}
+    if class_names is not None:
+        cfg["class_names"] = list(class_names)
+    OmegaConf.save(OmegaConf.create(cfg), out / "config.yaml")
+    return out / "model.pt"

@@ -1,0 +1,1 @@
+"""Datasets and datamodules (MNIST quickstart; ImageNet and webdataset shards plug into the same interface)."""
