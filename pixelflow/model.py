@@ -276,7 +276,9 @@ PIXELFLOW_CONFIGS: dict[str, dict] = {
     "L/4": dict(num_attention_heads=16, attention_head_dim=64, depth=24, patch_size=4),
     "B/4": dict(num_attention_heads=12, attention_head_dim=64, depth=12, patch_size=4),
     "S/4": dict(num_attention_heads=6, attention_head_dim=64, depth=12, patch_size=4),
-    # CPU quickstart on 32 px MNIST (patch 2: stage sides 4, 8, 16, 32).
+    # CPU quickstart on 32 px MNIST (stage sides 4, 8, 16, 32 -> token grids 1, 2, 4, 8).
+    "Tiny/4": dict(num_attention_heads=4, attention_head_dim=32, depth=4, patch_size=4),
+    # The same width at patch 2 (token grids 2, 4, 8, 16): ~4x the compute of Tiny/4.
     "Tiny/2": dict(num_attention_heads=4, attention_head_dim=32, depth=4, patch_size=2),
     # Unit tests: the layout of the public golden model.
     "Test/2": dict(num_attention_heads=2, attention_head_dim=16, depth=2, patch_size=2),

@@ -78,6 +78,20 @@ class CascadeNoise:
         return cls(init, transitions)
 
 
+    @classmethod
+    def per_sample(
+        cls, schedule: CascadeSchedule, seeds: Sequence[int], channels: int, doubled: bool,
+        device: torch.device | str = "cpu",
+    ) -> CascadeNoise:
+        """Each sample's draws from its own seed, so an image does not depend on its batch."""
+        draws = [cls.draw(schedule, 1, channels, doubled, torch.Generator(device).manual_seed(int(s)), device) for s in seeds]
+        init = torch.cat([d.init for d in draws])
+        # Doubled transition noise is laid out [rows for x; rows for x'] over the whole batch.
+        halves = range(2 if doubled else 1)
+        transitions = [torch.cat([d.transitions[k][h:h + 1] for h in halves for d in draws]) for k in range(len(draws[0].transitions))]
+        return cls(init, transitions)
+
+
 def euler_grid(num_steps: int, shift: float) -> torch.Tensor:
     """Stage-local times (N+1,) float64: shifted linspace(0, 0.999, N), then 1.0 appended."""
     u = torch.linspace(0, _EULER_T_MAX, num_steps, dtype=torch.float64)

@@ -1,0 +1,46 @@
+"""Writing samples: PNGs, grids, and the ADM ``.npz`` layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+
+__all__ = ["save_grid", "save_pngs", "save_adm_npz", "grid_image"]
+
+
+def grid_image(images_uint8: torch.Tensor, nrow: int, upscale: int = 1) -> Image.Image:
+    """NHWC uint8 -> one PIL grid (nearest-neighbour upscaled by ``upscale``)."""
+    grid = make_grid(images_uint8.permute(0, 3, 1, 2), nrow=nrow, padding=2, pad_value=255)
+    image = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    if upscale > 1:
+        image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
+    return image
+
+
+def save_grid(images_uint8: torch.Tensor, path: str | Path, nrow: int, upscale: int = 1) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid_image(images_uint8, nrow, upscale).save(path)
+    return path
+
+
+def save_pngs(images_uint8: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor, out_dir: str | Path) -> None:
+    """One PNG per image, named by global sample index and label: ``000123_7.png``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for image, label, index in zip(images_uint8.numpy(), labels.tolist(), indices.tolist()):
+        Image.fromarray(image).save(out / f"{index:06d}_{label}.png")
+
+
+def save_adm_npz(path: str | Path, images_uint8: np.ndarray, labels: np.ndarray, settings: dict | None = None) -> Path:
+    """ADM layout: ``arr_0`` uint8 NHWC, ``arr_1`` int64 labels, ``settings`` a JSON string."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    extra = {"settings": np.array(json.dumps(settings or {}))}
+    np.savez(path, arr_0=np.asarray(images_uint8, dtype=np.uint8), arr_1=np.asarray(labels, dtype=np.int64), **extra)
+    return path

@@ -1,0 +1,85 @@
+"""Builds a training run from a composed Hydra config: datamodule, model, module, trainer, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["build_training", "run_training", "resume_checkpoint", "check_global_batch"]
+
+
+def check_global_batch(global_batch: int | None, micro_batch: int, accumulation: int, world_size: int) -> int:
+    """Enforce global batch = micro-batch x accumulation x world size; return the global batch."""
+    actual = micro_batch * accumulation * world_size
+    if global_batch is not None and global_batch != actual:
+        raise ValueError(
+            f"global_batch_size={global_batch} but data.batch_size ({micro_batch}) x trainer.accumulate_grad_batches "
+            f"({accumulation}) x world size ({world_size}) = {actual}. Change one of them, e.g. "
+            f"trainer.accumulate_grad_batches={max(1, global_batch // (micro_batch * world_size))}."
+        )
+    return actual
+
+
+def resume_checkpoint(run_dir: str | Path) -> Path | None:
+    """``run_dir/checkpoints/last.ckpt`` if it exists (automatic resume), else None."""
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    return last if last.is_file() else None
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """A W&B run id persisted in the run directory so resumed runs continue the same W&B run."""
+    path = run_dir / "wandb_id.txt"
+    if not path.is_file():
+        import wandb
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(wandb.util.generate_id())
+    return path.read_text().strip()
+
+
+def _loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
+    loggers = []
+    for name, conf in (cfg.get("logger") or {}).items():
+        extra = {"id": _wandb_id(run_dir), "resume": "allow"} if name == "wandb" else {}
+        loggers.append(instantiate(conf, **extra))
+    return loggers
+
+
+def build_training(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, L.LightningDataModule]:
+    """Instantiate everything a run needs; validates the batch invariant before any work."""
+    L.seed_everything(cfg.seed, workers=True)
+    run_dir = Path(cfg.paths.run_dir)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model, num_classes=datamodule.num_classes)
+    schedule = instantiate(cfg.cascade)
+    if schedule.image_size != datamodule.image_size:
+        raise ValueError(f"cascade.image_size={schedule.image_size} differs from data.image_size={datamodule.image_size}")
+    module = instantiate(cfg.module)(model=model, schedule=schedule, class_names=datamodule.class_names)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_loggers(cfg, run_dir) or False)
+    check_global_batch(cfg.get("global_batch_size"), datamodule.batch_size, trainer.accumulate_grad_batches,
+                       trainer.world_size)
+    return trainer, module, datamodule
+
+
+def run_training(cfg: DictConfig) -> Path:
+    """Train (resuming from the run directory when possible); return the run directory."""
+    run_dir = Path(cfg.paths.run_dir)
+    trainer, module, datamodule = build_training(cfg)
+    ckpt = resume_checkpoint(run_dir) if cfg.resume else None
+    if trainer.is_global_zero:
+        print(f"[pixelflow] run directory: {run_dir}")
+        print(f"[pixelflow] {'resuming from ' + str(ckpt) if ckpt else 'starting a new run'}; "
+              f"{sum(p.numel() for p in module.model.parameters()) / 1e6:.2f}M parameters")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    torch.set_float32_matmul_precision("high")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+    if trainer.is_global_zero:
+        print(f"[pixelflow] done; run directory: {run_dir}")
+    return run_dir

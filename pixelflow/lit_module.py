@@ -1,0 +1,86 @@
+"""LightningModule: cascade flow-matching training with EMA, for any model size and dataset."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import lightning as L
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from pixelflow.cascade import CascadeSchedule
+from pixelflow.checkpoint import model_kwargs
+from pixelflow.model import PixelFlowTransformer
+from pixelflow.objective import cascade_loss
+
+__all__ = ["PixelFlowLitModule"]
+
+
+class PixelFlowLitModule(L.LightningModule):
+    """Trains ``model`` on the cascade loss; keeps an EMA copy used for samples and exports.
+
+    Randomness (stages, t, noise, label dropout) comes from a generator seeded by
+    (seed, optimizer step, micro-batch within the step, rank), so a resumed run draws
+    exactly what an uninterrupted run would have drawn.
+    """
+
+    def __init__(
+        self,
+        model: PixelFlowTransformer,
+        schedule: CascadeSchedule,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        ema_decay: float | None = 0.9999,
+        label_dropout: float = 0.1,
+        seed: int = 0,
+        class_names: list[str] | None = None,
+    ):
+        super().__init__()
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or null (no EMA), got {ema_decay}")
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+        self.model, self.schedule = model, schedule
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.label_dropout, self.seed, self.class_names = label_dropout, seed, class_names
+        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay)) if ema_decay else None
+        if self.ema is not None:
+            self.ema.requires_grad_(False)
+        self._micro_batch = 0
+
+    @property
+    def sampling_model(self) -> PixelFlowTransformer:
+        """The weights to sample from: EMA when kept, else the live model."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def _generator(self) -> torch.Generator:
+        step_seed = (self.global_step * 4096 + self._micro_batch) * max(self.trainer.world_size, 1) + self.global_rank
+        return torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + step_seed)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        loss, per_stage = cascade_loss(self.model, self.schedule, images, labels, self._generator(), self.label_dropout)
+        self._micro_batch += 1
+        self.log("train/loss", loss, prog_bar=True)
+        for k, value in per_stage.items():
+            self.log(f"train/loss_stage{k}", value)
+        return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self._micro_batch = 0
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["pixelflow"] = {
+            "model": model_kwargs(self.model),
+            "schedule": asdict(self.schedule),
+            "class_names": self.class_names,
+            "has_ema": self.ema is not None,
+        }

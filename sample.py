@@ -1,0 +1,34 @@
+"""Generate samples from a project checkpoint or the released model.pt; see conf/sample.yaml."""
+
+import sys
+
+import hydra
+from lightning.fabric import Fabric
+from omegaconf import DictConfig, OmegaConf
+
+from pixelflow.checkpoint import CheckpointError, load_pixelflow
+from pixelflow.generate import generate
+from pixelflow.samplers import SamplerConfig
+
+
+@hydra.main(config_path="conf", config_name="sample", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        loaded = load_pixelflow(cfg.ckpt, cfg.config)
+    except CheckpointError as err:
+        sys.exit(f"error: {err}")
+    sampler_cfg = OmegaConf.to_container(cfg.sampler, resolve=True)
+    if sampler_cfg["guidance_interval"] is not None:
+        sampler_cfg["guidance_interval"] = tuple(sampler_cfg["guidance_interval"])
+    fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices)
+    fabric.launch()
+    classes = list(cfg.classes) if cfg.classes is not None else None
+    try:
+        generate(loaded, SamplerConfig(**sampler_cfg), cfg.out_dir, cfg.num_samples, cfg.batch_size, cfg.seed,
+                 classes, cfg.save_png, fabric)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
