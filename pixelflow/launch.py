@@ -70,8 +70,11 @@ def build_training(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, L.Lig
 def run_training(cfg: DictConfig) -> Path:
     """Train (resuming from the run directory when possible); return the run directory."""
     run_dir = Path(cfg.paths.run_dir)
+    ckpt = resume_checkpoint(run_dir)
+    if ckpt is not None and not cfg.resume:
+        raise FileExistsError(f"{run_dir} already holds a run ({ckpt}) and resume=false: starting over there would mix "
+                              "two runs. Pick another run_name=..., delete the directory, or set resume=true.")
     trainer, module, datamodule = build_training(cfg)
-    ckpt = resume_checkpoint(run_dir) if cfg.resume else None
     if trainer.is_global_zero:
         print(f"[pixelflow] run directory: {run_dir}")
         print(f"[pixelflow] {'resuming from ' + str(ckpt) if ckpt else 'starting a new run'}; "

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from pixelflow.cascade import CascadeSchedule
 from pixelflow.checkpoint import model_kwargs
@@ -15,6 +16,11 @@ from pixelflow.model import PixelFlowTransformer
 from pixelflow.objective import cascade_loss
 
 __all__ = ["PixelFlowLitModule"]
+
+
+def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * param (a picklable stand-in for torch's closure, for ddp_spawn)."""
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
 
 
 class PixelFlowLitModule(L.LightningModule):
@@ -45,7 +51,7 @@ class PixelFlowLitModule(L.LightningModule):
         self.model, self.schedule = model, schedule
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.label_dropout, self.seed, self.class_names = label_dropout, seed, class_names
-        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay)) if ema_decay else None
+        self.ema = AveragedModel(model, multi_avg_fn=partial(ema_update, decay=ema_decay)) if ema_decay else None
         if self.ema is not None:
             self.ema.requires_grad_(False)
         self._micro_batch = 0

@@ -1,0 +1,53 @@
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+
+from tests.hydra_utils import CONF, compose_config
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def test_there_are_experiments():
+    assert {"mnist_quickstart", "imagenet256_xl4"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_resolves(experiment, tmp_path):
+    cfg = compose_config("train", [f"experiment={experiment}", f"paths.root_dir={tmp_path}"])
+    assert cfg.run_name == experiment
+    assert Path(cfg.paths.run_dir) == tmp_path / "runs" / experiment
+    assert cfg.cascade.image_size == cfg.data.image_size
+    instantiate(cfg.cascade)  # the schedule is valid for the data size
+
+
+@pytest.mark.parametrize("group", ["model", "data", "trainer", "logger", "callbacks"])
+def test_every_group_option_composes(group, tmp_path):
+    for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
+        cfg = compose_config("train", [f"{group}={option}", f"paths.root_dir={tmp_path}"])
+        assert group in cfg
+
+
+def test_model_configs_build_on_meta(tmp_path):
+    import torch
+
+    for option in sorted(p.stem for p in (CONF / "model").glob("*.yaml")):
+        cfg = compose_config("train", [f"model={option}", f"paths.root_dir={tmp_path}"])
+        with torch.device("meta"):
+            model = instantiate(cfg.model, num_classes=10)
+        assert model.num_classes == 10
+
+
+def test_quickstart_is_the_default_and_paper_recipe_matches_spec(tmp_path):
+    default = compose_config("train", [f"paths.root_dir={tmp_path}"])
+    assert default.run_name == "mnist_quickstart" and default.model.name == "Tiny/4"
+    paper = compose_config("train", ["experiment=imagenet256_xl4", f"paths.root_dir={tmp_path}"])
+    assert paper.model.name == "XL/4" and paper.module.lr == 1e-4 and paper.module.weight_decay == 0
+    assert paper.module.ema_decay == 0.9999 and paper.trainer.gradient_clip_val == 1.0
+    assert paper.trainer.precision == "bf16-mixed" and paper.global_batch_size == 256
+
+
+@pytest.mark.parametrize("name", ["sample"])
+def test_entrypoint_configs_compose(name, tmp_path):
+    cfg = compose_config(name, [f"out_dir={tmp_path}"])
+    assert cfg.sampler.method == "euler"

@@ -1,0 +1,83 @@
+import pytest
+import torch
+
+from pixelflow.checkpoint import load_pixelflow
+from pixelflow.launch import build_training, check_global_batch, run_training
+from tests.hydra_utils import compose_config, tiny_train_overrides
+
+
+def _state(path):
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return ckpt["state_dict"], ckpt
+
+
+def test_fast_dev_run_on_cpu(tmp_path):
+    cfg = compose_config("train", tiny_train_overrides(tmp_path / "run", 2, ["+trainer.fast_dev_run=true"]))
+    trainer, module, datamodule = build_training(cfg)
+    before = [p.detach().clone() for p in module.model.parameters()]
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.model.parameters()))
+
+
+def test_training_writes_checkpoints_grid_and_export(tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = compose_config("train", tiny_train_overrides(run_dir, 4))
+    run_training(cfg)
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt")) == ["last.ckpt", "step_0000002.ckpt",
+                                                                                 "step_0000004.ckpt"]
+    assert (run_dir / "samples" / "final.png").is_file()
+    exported = load_pixelflow(run_dir / "export" / "model.pt")
+    from_ckpt = load_pixelflow(run_dir / "checkpoints" / "last.ckpt")
+    for a, b in zip(exported.model.state_dict().values(), from_ckpt.model.state_dict().values()):
+        assert torch.equal(a, b)  # both are the EMA weights
+    assert exported.class_names == [str(i) for i in range(10)] and exported.schedule.image_size == 32
+
+
+def test_resume_is_exact(tmp_path):
+    """N steps straight == N/2 steps, stop, automatic resume to N: same parameters, EMA and optimizer."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_training(compose_config("train", tiny_train_overrides(straight, 6)))
+    half = tiny_train_overrides(resumed, 6, ["trainer.max_steps=3", "callbacks.checkpoint.every_n_train_steps=3"])
+    run_training(compose_config("train", half))
+    assert _state(resumed / "checkpoints" / "last.ckpt")[1]["global_step"] == 3
+    run_training(compose_config("train", tiny_train_overrides(resumed, 6)))  # finds last.ckpt itself
+    a, ckpt_a = _state(straight / "checkpoints" / "last.ckpt")
+    b, ckpt_b = _state(resumed / "checkpoints" / "last.ckpt")
+    assert ckpt_a["global_step"] == ckpt_b["global_step"] == 6
+    assert a.keys() == b.keys() and any(k.startswith("ema.module.") for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    opt_a, opt_b = ckpt_a["optimizer_states"][0]["state"], ckpt_b["optimizer_states"][0]["state"]
+    assert all(torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"]) for i in opt_a)
+
+
+def test_resume_can_be_disabled(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_training(compose_config("train", tiny_train_overrides(run_dir, 2)))
+    first = _state(run_dir / "checkpoints" / "last.ckpt")[0]
+    run_training(compose_config("train", tiny_train_overrides(run_dir, 2)))
+    assert "resuming from" in capsys.readouterr().out
+    assert torch.equal(first["model.patch_embed.proj.weight"], _state(run_dir / "checkpoints" / "last.ckpt")[0]["model.patch_embed.proj.weight"])
+    with pytest.raises(FileExistsError, match="resume=false"):
+        run_training(compose_config("train", tiny_train_overrides(run_dir, 2, ["resume=false"])))
+    other = tmp_path / "other"
+    run_training(compose_config("train", tiny_train_overrides(other, 2, ["resume=false", "seed=1"])))
+    assert "starting a new run" in capsys.readouterr().out
+    second = _state(other / "checkpoints" / "last.ckpt")[0]
+    assert not torch.equal(first["model.patch_embed.proj.weight"], second["model.patch_embed.proj.weight"])
+
+
+def test_global_batch_invariant():
+    assert check_global_batch(256, 32, 1, 8) == 256
+    with pytest.raises(ValueError, match="accumulate_grad_batches=8"):
+        check_global_batch(256, 32, 1, 1)
+
+
+@pytest.mark.slow
+def test_ddp_on_cpu_two_processes(tmp_path):
+    run_dir = tmp_path / "ddp"
+    cfg = compose_config("train", tiny_train_overrides(run_dir, 2, ["trainer=ddp_cpu", "global_batch_size=16"]))
+    run_training(cfg)
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2
