@@ -46,10 +46,15 @@ def model_kwargs(model: PixelFlowTransformer) -> dict[str, Any]:
     )
 
 
-def _torch_load(path: Path) -> Any:
+def _require_file(path: Path) -> None:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist. For the released ImageNet model download "
-                              f"model.pt and config.yaml from {RELEASED_URL}; for your own, pass a run's .ckpt")
+                              f"model.pt and config.yaml from {RELEASED_URL}; for your own, pass a run's .ckpt "
+                              "(runs/<name>/checkpoints/last.ckpt) or its export (runs/<name>/export/model.pt)")
+
+
+def _torch_load(path: Path) -> Any:
+    _require_file(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for truncated / foreign files
@@ -79,6 +84,7 @@ def _build_and_load(state: dict[str, torch.Tensor], kwargs: dict[str, Any], sour
 
 
 def _load_released(path: Path, config_path: Path | None) -> LoadedModel:
+    _require_file(path)
     config_path = config_path or path.with_name("config.yaml")
     if not config_path.is_file():
         raise CheckpointError(f"{path} is a plain state_dict and needs its config.yaml (looked for {config_path}); "

@@ -58,7 +58,8 @@ def test_resume_can_be_disabled(tmp_path, capsys):
     first = _state(run_dir / "checkpoints" / "last.ckpt")[0]
     run_training(compose_config("train", tiny_train_overrides(run_dir, 2)))
     assert "resuming from" in capsys.readouterr().out
-    assert torch.equal(first["model.patch_embed.proj.weight"], _state(run_dir / "checkpoints" / "last.ckpt")[0]["model.patch_embed.proj.weight"])
+    key = "model.patch_embed.proj.weight"
+    assert torch.equal(first[key], _state(run_dir / "checkpoints" / "last.ckpt")[0][key])
     with pytest.raises(FileExistsError, match="resume=false"):
         run_training(compose_config("train", tiny_train_overrides(run_dir, 2, ["resume=false"])))
     other = tmp_path / "other"

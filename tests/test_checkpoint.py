@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from pixelflow.cascade import CascadeSchedule
+from pixelflow.checkpoint import CheckpointError, export_released_format, load_pixelflow
+from pixelflow.model import build_model
+
+
+@pytest.fixture
+def exported(tmp_path, tiny_model):
+    export_released_format(tiny_model, CascadeSchedule(image_size=32), tmp_path / "export", ["a"] * 10)
+    return tmp_path / "export"
+
+
+def test_released_layout_round_trip(exported, tiny_model):
+    loaded = load_pixelflow(exported / "model.pt")
+    assert loaded.schedule == CascadeSchedule(image_size=32)
+    assert loaded.class_names == ["a"] * 10 and not loaded.model.training
+    for (k, a), (k2, b) in zip(tiny_model.state_dict().items(), loaded.model.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+
+
+def test_released_config_yaml_layout_is_read(tmp_path):
+    """A config.yaml shaped like the released one (model.target/params, scheduler) loads strictly."""
+    model = build_model("Test/2", num_classes=10)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    (tmp_path / "config.yaml").write_text(
+        "model:\n  target: pixelflow.model.PixelFlowModel\n  params:\n    num_attention_heads: 2\n    attention_head_dim: 16\n"
+        "    in_channels: 3\n    out_channels: 3\n    depth: 2\n    num_classes: 10\n    patch_size: 2\n    attention_bias: true\n"
+        "scheduler:\n  num_train_timesteps: 1000\n  num_stages: 4\ndata:\n  resolution: 32\n")
+    loaded = load_pixelflow(tmp_path / "model.pt")
+    assert loaded.model.num_classes == 10 and loaded.schedule.image_size == 32
+
+
+def test_missing_file_names_the_fix(tmp_path):
+    with pytest.raises(CheckpointError, match="(?s)does not exist.*huggingface"):
+        load_pixelflow(tmp_path / "nope" / "model.pt")
+
+
+def test_missing_config_yaml(tmp_path, exported):
+    (exported / "config.yaml").unlink()
+    with pytest.raises(CheckpointError, match="needs its config.yaml"):
+        load_pixelflow(exported / "model.pt")
+
+
+def test_truncated_file(exported):
+    data = (exported / "model.pt").read_bytes()
+    (exported / "model.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated, corrupt or not a PyTorch file"):
+        load_pixelflow(exported / "model.pt")
+
+
+def test_wrong_model_config(exported):
+    text = (exported / "config.yaml").read_text().replace("depth: 2", "depth: 3")
+    (exported / "config.yaml").write_text(text)
+    with pytest.raises(CheckpointError, match="missing"):
+        load_pixelflow(exported / "model.pt")
+
+
+def test_wrong_shapes(exported):
+    text = (exported / "config.yaml").read_text().replace("num_classes: 10", "num_classes: 1000")
+    (exported / "config.yaml").write_text(text)
+    with pytest.raises(CheckpointError, match="wrong shape.*class_embedder"):
+        load_pixelflow(exported / "model.pt")
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    """weights_only=True: a checkpoint that needs arbitrary code to unpickle is refused."""
+    torch.save({"evil": object()}, tmp_path / "model.pt")
+    (tmp_path / "config.yaml").write_text("model:\n  params: {}\n")
+    with pytest.raises(CheckpointError, match="could not be read"):
+        load_pixelflow(tmp_path / "model.pt")
+
+
+def test_lightning_checkpoint_without_pixelflow_section(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "x.ckpt")
+    with pytest.raises(CheckpointError, match="not a pixelflow training checkpoint"):
+        load_pixelflow(tmp_path / "x.ckpt")
