@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 __all__ = ["build_training", "run_training", "resume_checkpoint", "check_global_batch"]
 
@@ -79,8 +79,6 @@ def run_training(cfg: DictConfig) -> Path:
         print(f"[pixelflow] run directory: {run_dir}")
         print(f"[pixelflow] {'resuming from ' + str(ckpt) if ckpt else 'starting a new run'}; "
               f"{sum(p.numel() for p in module.model.parameters()) / 1e6:.2f}M parameters")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     torch.set_float32_matmul_precision("high")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     if trainer.is_global_zero:

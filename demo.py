@@ -1,0 +1,18 @@
+"""Web demo: `python demo.py` serves the quickstart model on http://127.0.0.1:7860; see conf/demo.yaml and docs/demo.md."""
+
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from pixelflow.demo_app import launch
+
+
+@hydra.main(config_path="conf", config_name="demo", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up probes, one line per request
+    launch(cfg)
+
+
+if __name__ == "__main__":
+    main()
