@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,8 @@ def _wandb_id(run_dir: Path) -> str:
     """A W&B run id persisted in the run directory so resumed runs continue the same W&B run."""
     path = run_dir / "wandb_id.txt"
     if not path.is_file():
-        import wandb
-
         run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(wandb.util.generate_id())
+        path.write_text(uuid.uuid4().hex[:8])
     return path.read_text().strip()
 
 

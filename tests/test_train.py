@@ -82,3 +82,18 @@ def test_ddp_on_cpu_two_processes(tmp_path):
     run_training(cfg)
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_wandb_logger_runs_offline_and_keeps_its_run_id_on_resume(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    overrides = [o for o in tiny_train_overrides(run_dir, 2) if o != "logger=none"] + ["logger=wandb"]
+    run_training(compose_config("train", overrides))
+    run_id = (run_dir / "wandb_id.txt").read_text()
+    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 1
+    run_training(compose_config("train", [o.replace("max_steps=2", "max_steps=4") for o in overrides]))
+    assert (run_dir / "wandb_id.txt").read_text() == run_id
+    launches = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(launches) == 2 and all(p.name.endswith(run_id) for p in launches)
