@@ -1,0 +1,200 @@
+"""The evaluation protocol: features of samples and reference, every metric, and the record of how.
+
+:func:`evaluate` returns the content of ``metrics.json``: ``metrics`` (numbers), ``unavailable``
+(metric -> reason, never a placeholder number), ``protocol`` (sample count, reference and its SHA-256,
+feature extractor and its weights' SHA-256, sampler settings stored with the samples, metric settings)
+and ``timing``. Reference features are cached per (reference SHA-256, count, extractor weights).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pixelflow.metrics import fid as M
+from pixelflow.metrics.inception import EXTRACTOR_NAME, SPATIAL_CHANNELS, InceptionFeatures, default_cache_dir, resolve_inception_weights
+from pixelflow.metrics.io import EvaluationInputError, ImageSet
+from pixelflow.metrics.mnist_classifier import RECIPE, classify, load_or_train_classifier
+
+__all__ = ["EvalOptions", "evaluate", "format_table", "write_metrics"]
+
+log = logging.getLogger(__name__)
+FEATURE_CACHE_VERSION = 1
+
+
+@dataclass
+class EvalOptions:
+    """Knobs of :func:`evaluate` (``conf/evaluate.yaml`` documents each)."""
+
+    batch_size: int = 50
+    device: str = "auto"
+    inception_weights: str | None = None
+    cache_dir: str | None = None
+    kid: bool = False
+    num_samples: int | None = None
+    num_ref: int | None = None
+    classifier: bool = False
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EvaluationInputError(f"device={name} but no CUDA device is available; use device=cpu or device=auto")
+    return name
+
+
+def _count(images: ImageSet, limit: int | None, what: str) -> int:
+    n = len(images) if limit is None else min(limit, len(images))
+    if n < 2:
+        raise EvaluationInputError(f"{what} {images.name} has {n} image(s) to use; FID needs at least 2 (and precision/recall more than "
+                                   f"{M.PR_NEIGHBOURHOOD}). Pass more images or raise num_samples/num_ref")
+    return n
+
+
+def _extract(fn: Callable[[Iterable[np.ndarray]], Any], images: ImageSet, n: int, batch_size: int, what: str) -> tuple[Any, float]:
+    """Run ``fn`` over the first ``n`` images, logging progress; returns (result, seconds)."""
+    start, done, step = time.perf_counter(), 0, max(1, n // 10)
+
+    def batches() -> Iterable[np.ndarray]:
+        nonlocal done
+        for batch in images.batches(batch_size, n):
+            yield batch
+            done += len(batch)
+            if done % step < len(batch) or done == n:
+                log.info("%s: %d/%d images (%.1f s)", what, done, n, time.perf_counter() - start)
+
+    result = fn(batches())
+    return result, time.perf_counter() - start
+
+
+def _cached(cache: Path, parts: list[Any], compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    key = hashlib.sha256(json.dumps([FEATURE_CACHE_VERSION, *parts]).encode()).hexdigest()[:32]
+    path = cache / "features" / f"{key}.npz"
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        except (OSError, ValueError) as err:
+            log.warning("feature cache %s is unreadable (%s); recomputing", path, err)
+    feats = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{key}.tmp{os.getpid()}.npz")
+    np.savez(tmp, **feats)
+    os.replace(tmp, path)
+    return feats
+
+
+def evaluate(samples: ImageSet, ref: ImageSet, opts: EvalOptions) -> dict[str, Any]:
+    """All metrics of ``samples`` against ``ref``; see the module docstring for the result's layout."""
+    device, cache = _device(opts.device), Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
+    n_samples, n_ref = _count(samples, opts.num_samples, "samples"), _count(ref, opts.num_ref, "reference")
+    weights = resolve_inception_weights(opts.inception_weights, cache)
+    net = InceptionFeatures(weights, device)
+    metrics: dict[str, float] = {}
+    unavailable: dict[str, str] = {}
+    timing: dict[str, float] = {}
+
+    gen, timing["sample_inception_seconds"] = _extract(net.extract, samples, n_samples, opts.batch_size, "Inception features (samples)")
+    timing["inception_seconds_per_1000_images"] = 1000 * timing["sample_inception_seconds"] / n_samples
+    start = time.perf_counter()
+    real = _cached(cache, ["inception", ref.sha256, n_ref, weights.sha256],
+                   lambda: _extract(net.extract, ref, n_ref, opts.batch_size, "Inception features (reference)")[0])
+    timing["reference_inception_seconds"] = time.perf_counter() - start
+
+    if ref.stats is not None:
+        ref_pool = {"mu": ref.stats["mu"], "sigma": ref.stats["sigma"]}
+        ref_spatial = {"mu": ref.stats["mu_s"], "sigma": ref.stats["sigma_s"]}
+    else:
+        ref_pool, ref_spatial = M.feature_statistics(real["pool"]), M.feature_statistics(real["spatial"])
+    metrics["fid"] = M.frechet_distance(M.feature_statistics(gen["pool"]), ref_pool)
+    metrics["sfid"] = M.frechet_distance(M.feature_statistics(gen["spatial"]), ref_spatial)
+    if "logits" in gen:
+        metrics["inception_score"], metrics["inception_score_std"] = M.inception_score(gen["logits"])
+    else:
+        unavailable["inception_score"] = ("the offline Inception weights (pool3 only) have no classifier layer; pass inception_weights="
+                                          "/path/to/weights-inception-2015-12-05-6726825d.pth (torch-fidelity's full weights)")
+    if min(n_samples, n_ref) > M.PR_NEIGHBOURHOOD:
+        metrics["precision"], metrics["recall"] = M.precision_recall(gen["pool"], real["pool"])
+    else:
+        unavailable["precision"] = unavailable["recall"] = f"needs more than {M.PR_NEIGHBOURHOOD} sample and reference images"
+    if opts.kid:
+        metrics["kid"], metrics["kid_std"] = M.kernel_inception_distance(gen["pool"], real["pool"])
+
+    classifier_info = None
+    if opts.classifier:
+        clf = load_or_train_classifier(cache)
+        classifier_info = {"recipe": RECIPE, "weights_sha256": clf.sha256, "mnist_test_accuracy": clf.test_accuracy,
+                           "feature": "128-d penultimate layer", "path": str(clf.path)}
+        run = lambda batches: classify(clf.model, batches)  # noqa: E731
+        (gen_f, pred), timing["sample_classifier_seconds"] = _extract(run, samples, n_samples, opts.batch_size, "classifier (samples)")
+        real_f = _cached(cache, ["classifier", ref.sha256, n_ref, clf.sha256],
+                         lambda: {"features": _extract(run, ref, n_ref, opts.batch_size, "classifier (reference)")[0][0]})["features"]
+        metrics["classifier_fid"] = M.frechet_distance(M.feature_statistics(gen_f), M.feature_statistics(real_f))
+        labels = None if samples.labels is None else samples.labels[:n_samples]
+        if labels is None:
+            unavailable["classifier_accuracy"] = ("the samples carry no labels (ADM npz key 'arr_1'); "
+                                                  "only conditional samples have a target class")
+        elif labels.min() < 0 or labels.max() > 9:
+            unavailable["classifier_accuracy"] = f"sample labels span {labels.min()}..{labels.max()}, not the 10 MNIST classes"
+        else:
+            metrics["classifier_accuracy"] = float((pred == labels).mean())
+
+    protocol = {
+        "num_samples": n_samples,
+        "samples": {"path": samples.name, "sha256": samples.sha256, "image_shape": list(samples.shape[1:])},
+        "reference": {"path": ref.name, "sha256": ref.sha256, "num_images": n_ref, "image_shape": list(ref.shape[1:]),
+                      "fid_statistics": "precomputed in the reference file (mu, sigma, mu_s, sigma_s)" if ref.stats is not None
+                      else f"computed from {n_ref} reference images"},
+        "sampler_settings": samples.settings,
+        "feature_extractor": {"name": EXTRACTOR_NAME, "weights": weights.description, "weights_path": str(weights.path),
+                              "weights_sha256": weights.sha256, "input": "uint8 RGB, TF1-compatible bilinear resize to 299 x 299",
+                              "fid_feature": "pool3 (2048)",
+                              "sfid_feature": f"mixed_6/conv = Mixed_6d.branch1x1 output, channels 0-{SPATIAL_CHANNELS - 1}, "
+                                              "NHWC-flattened (2023)",
+                              "has_logits": weights.has_logits, "device": device},
+        "metric_settings": {"precision_recall": f"k={M.PR_NEIGHBOURHOOD} nearest-neighbour manifolds on pool3 (ADM / Kynkaanniemi et al.)",
+                            "inception_score": f"unbiased logits, splits of {M.IS_SPLIT_SIZE} consecutive samples",
+                            "kid": "polynomial kernel, 100 subsets of min(1000, N)" if opts.kid else None},
+        "classifier": classifier_info,
+        "options": asdict(opts),
+    }
+    return {"metrics": metrics, "unavailable": unavailable, "protocol": protocol, "timing": timing}
+
+
+_ROWS = [("fid", "FID (Inception pool3)"), ("sfid", "sFID (Inception mixed_6/conv)"), ("inception_score", "Inception Score"),
+         ("precision", "Precision (k=3)"), ("recall", "Recall (k=3)"), ("kid", "KID"),
+         ("classifier_accuracy", "MNIST classifier accuracy"), ("classifier_fid", "MNIST classifier FID")]
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A two-column text table of the metrics (unavailable ones with their reason)."""
+    lines = [f"{'metric':32s} value", "-" * 40]
+    for key, label in _ROWS:
+        if key in result["metrics"]:
+            lines.append(f"{label:32s} {result['metrics'][key]:.4f}")
+        elif key in result["unavailable"]:
+            lines.append(f"{label:32s} unavailable: {result['unavailable'][key]}")
+    p = result["protocol"]
+    lines.append(f"({p['num_samples']} samples vs {p['reference']['num_images']} reference images: {p['reference']['path']})")
+    return "\n".join(lines)
+
+
+def write_metrics(result: dict[str, Any], path: str | Path) -> Path:
+    """Write ``result`` as JSON (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return path

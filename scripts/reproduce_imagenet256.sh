@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Reproduce PixelFlow's class-conditional ImageNet 256x256 result (paper: FID 1.98, sFID 5.83, IS 282.1,
+# precision 0.81, recall 0.60): 50k samples with dopri5 and CFG 2.4, evaluated against ADM's reference batch.
+#
+#   scripts/reproduce_imagenet256.sh [CKPT_DIR] [REF_NPZ]
+#
+# Inputs (arguments win over environment variables, which win over the defaults):
+#   CKPT_DIR  / $PIXELFLOW_CKPT_DIR   released checkpoint folder with model.pt + config.yaml   [checkpoints/PixelFlow-Class2Image]
+#   REF_NPZ   / $ADM_REF              VIRTUAL_imagenet256_labeled.npz                          [data/VIRTUAL_imagenet256_labeled.npz]
+#   $INCEPTION_WEIGHTS  torch-fidelity's weights-inception-2015-12-05-6726825d.pth (needed for IS; optional)
+#   $OUT_DIR (runs/reproduce_imagenet256), $NUM_SAMPLES (50000), $PYTHON (.venv/bin/python), $DEVICE (auto)
+#   $DOWNLOAD=1  fetch whatever is missing (needs network); never done otherwise.
+# Missing inputs without DOWNLOAD=1 stop the script at once (exit 1) with what to download and where to put it.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+CKPT_DIR="${1:-${PIXELFLOW_CKPT_DIR:-$ROOT/checkpoints/PixelFlow-Class2Image}}"
+REF="${2:-${ADM_REF:-$ROOT/data/VIRTUAL_imagenet256_labeled.npz}}"
+OUT_DIR="${OUT_DIR:-$ROOT/runs/reproduce_imagenet256}"
+NUM_SAMPLES="${NUM_SAMPLES:-50000}"
+PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
+DEVICE="${DEVICE:-auto}"
+INCEPTION_WEIGHTS="${INCEPTION_WEIGHTS:-}"
+HF_REPO="https://huggingface.co/ShoufaChen/PixelFlow-Class2Image"
+REF_URL="https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz"
+INCEPTION_URL="https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
+
+fetch() {  # fetch URL DEST
+  mkdir -p "$(dirname "$2")"
+  echo "[reproduce] downloading $1 -> $2"
+  curl -fL --retry 3 -o "$2.part" "$1" && mv "$2.part" "$2"
+}
+
+missing=()
+[[ -f "$CKPT_DIR/model.pt" ]] || missing+=("checkpoint: $CKPT_DIR/model.pt")
+[[ -f "$CKPT_DIR/config.yaml" ]] || missing+=("checkpoint config: $CKPT_DIR/config.yaml")
+[[ -f "$REF" ]] || missing+=("ADM reference batch: $REF")
+if (( ${#missing[@]} )); then
+  if [[ "${DOWNLOAD:-0}" == 1 ]]; then
+    for f in model.pt config.yaml; do
+      [[ -f "$CKPT_DIR/$f" ]] || fetch "$HF_REPO/resolve/main/$f" "$CKPT_DIR/$f" \
+        || { echo "[reproduce] download of $f from $HF_REPO failed (no network?)" >&2; exit 1; }
+    done
+    [[ -f "$REF" ]] || fetch "$REF_URL" "$REF" || { echo "[reproduce] download of the reference batch failed (no network?)" >&2; exit 1; }
+    if [[ -z "$INCEPTION_WEIGHTS" ]]; then
+      INCEPTION_WEIGHTS="$ROOT/data/weights-inception-2015-12-05-6726825d.pth"
+      [[ -f "$INCEPTION_WEIGHTS" ]] || fetch "$INCEPTION_URL" "$INCEPTION_WEIGHTS" || INCEPTION_WEIGHTS=""
+    fi
+  else
+    {
+      echo "[reproduce] missing inputs (nothing is downloaded unless DOWNLOAD=1):"
+      printf '  - %s\n' "${missing[@]}"
+      echo "Download them on a machine with network access and put them there:"
+      echo "  1. model.pt and config.yaml from the Hugging Face repo ShoufaChen/PixelFlow-Class2Image"
+      echo "     ($HF_REPO) into $CKPT_DIR/"
+      echo "  2. VIRTUAL_imagenet256_labeled.npz, the ImageNet 256x256 reference batch listed on the openai/guided-diffusion"
+      echo "     evaluations page (evaluations/README.md; $REF_URL), to $REF"
+      echo "  3. optional, for the Inception Score: torch-fidelity's $INCEPTION_URL; pass INCEPTION_WEIGHTS=/path/to/it"
+      echo "Or pass other locations: $0 CKPT_DIR REF_NPZ, or rerun with DOWNLOAD=1 where there is network."
+    } >&2
+    exit 1
+  fi
+fi
+
+"$PYTHON" "$ROOT/sample.py" ckpt="$CKPT_DIR/model.pt" num_samples="$NUM_SAMPLES" sampler.method=dopri5 sampler.cfg=2.4 out_dir="$OUT_DIR"
+"$PYTHON" "$ROOT/evaluate.py" samples="$OUT_DIR/samples.npz" ref="$REF" device="$DEVICE" \
+  inception_weights="${INCEPTION_WEIGHTS:-null}" out="$OUT_DIR/metrics.json"
+"$PYTHON" - "$OUT_DIR/metrics.json" <<'EOF'
+import json, sys
+result = json.load(open(sys.argv[1]))
+paper = {"fid": 1.98, "sfid": 5.83, "inception_score": 282.1, "precision": 0.81, "recall": 0.60}
+print(f"\n{'metric':18s} {'this run':>10s} {'paper':>8s}")
+for key, ref in paper.items():
+    ours = result["metrics"].get(key)
+    print(f"{key:18s} {'n/a' if ours is None else format(ours, '.3f'):>10s} {ref:8.2f}")
+print(f"({result['protocol']['num_samples']} samples; unavailable: {result['unavailable'] or 'none'})")
+EOF

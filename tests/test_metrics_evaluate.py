@@ -1,0 +1,135 @@
+"""evaluate.py end to end (CLI, metrics.json, protocol record) and its errors; the ImageNet reproduction script offline."""
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from pixelflow.data.mnist import default_mnist_path
+from pixelflow.metrics import fid as M
+from pixelflow.metrics.evaluation import EvalOptions, evaluate
+from pixelflow.metrics.inception import InceptionFeatures, resolve_inception_weights
+from pixelflow.metrics.io import EvaluationInputError, load_image_set, write_adm_npz
+from pixelflow.metrics.references import mnist_images
+from tests.metrics_fixtures import independent_fid
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _cli(*overrides, cwd, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *overrides], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=900)
+
+
+def _load_entrypoint():
+    spec = importlib.util.spec_from_file_location("evaluate_entrypoint", ROOT / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _cfg(**values):
+    cfg = OmegaConf.load(ROOT / "conf" / "evaluate.yaml")
+    del cfg["hydra"]
+    cfg.merge_with(values)
+    return cfg
+
+
+@pytest.mark.slow
+def test_cli_mnist_samples_against_named_reference(tmp_path):
+    images, labels = mnist_images("test")
+    settings = {"method": "euler", "steps": 30, "cfg": 4.0, "seed": 0}
+    write_adm_npz(tmp_path / "run" / "samples.npz", images[:12], labels[:12], settings=settings)
+    cache = tmp_path / "cache"
+    proc = _cli(f"samples={tmp_path / 'run' / 'samples.npz'}", "ref=mnist_train", "num_ref=12", f"cache_dir={cache}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FID (Inception pool3)" in proc.stdout and "MNIST classifier accuracy" in proc.stdout
+    assert not (tmp_path / "outputs").exists()  # Hydra's run dir lives under $TMPDIR, not the cwd
+
+    result = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    m, protocol = result["metrics"], result["protocol"]
+    assert set(m) == {"fid", "sfid", "precision", "recall", "classifier_accuracy", "classifier_fid"}
+    assert m["fid"] > 0 and m["sfid"] > 0 and 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1
+    assert m["classifier_accuracy"] >= 11 / 12  # real test digits with their true labels
+    assert "no classifier layer" in result["unavailable"]["inception_score"]
+    assert protocol["num_samples"] == 12 and protocol["reference"]["num_images"] == 12
+    assert protocol["reference"]["sha256"] == _sha256(default_mnist_path())
+    assert protocol["samples"]["sha256"] == _sha256(tmp_path / "run" / "samples.npz")
+    assert protocol["sampler_settings"] == settings
+    extractor = protocol["feature_extractor"]
+    assert extractor["weights_sha256"] == _sha256(extractor["weights_path"]) and not extractor["has_logits"]
+    assert protocol["classifier"]["weights_sha256"] == _sha256(cache / "mnist-cnn-v1.pt")
+
+
+@pytest.mark.slow
+def test_png_samples_against_adm_reference_batch_uses_its_statistics(tmp_path):
+    rng = np.random.default_rng(0)
+    samples = mnist_images("test")[0][:8]
+    for i, im in enumerate(samples):
+        Image.fromarray(im).save(tmp_path / f"{i:05d}.png")
+    ref_images = mnist_images("train")[0][:8]
+    net = InceptionFeatures(resolve_inception_weights(None, tmp_path / "cache"))
+    ref_f = net(ref_images)
+    # ADM reference batches carry statistics of a larger set than arr_0: emulate with shifted means
+    mu, mu_s = ref_f["pool"].mean(0) + 0.1, ref_f["spatial"].mean(0) - 0.1
+    stats = {"mu": mu, "sigma": np.cov(ref_f["pool"].T.astype(np.float64)),
+             "mu_s": mu_s, "sigma_s": np.cov(ref_f["spatial"].T.astype(np.float64))}
+    write_adm_npz(tmp_path / "ref" / "VIRTUAL_test.npz", ref_images, rng.integers(0, 10, 8), stats=stats)
+
+    result = evaluate(load_image_set(tmp_path), load_image_set(tmp_path / "ref" / "VIRTUAL_test.npz"),
+                      EvalOptions(cache_dir=str(tmp_path / "cache"), kid=True))
+    gen = net(samples)
+    assert result["metrics"]["fid"] == pytest.approx(independent_fid(gen["pool"], ref_f["pool"], mean_b=mu), rel=1e-5)
+    assert result["metrics"]["sfid"] == pytest.approx(independent_fid(gen["spatial"], ref_f["spatial"], mean_b=mu_s), rel=1e-5)
+    assert result["metrics"]["fid"] != pytest.approx(independent_fid(gen["pool"], ref_f["pool"]), rel=1e-3)
+    assert (result["metrics"]["precision"], result["metrics"]["recall"]) == M.precision_recall(gen["pool"], ref_f["pool"])
+    assert result["metrics"]["kid"] == pytest.approx(M.kernel_inception_distance(gen["pool"], ref_f["pool"])[0], rel=1e-4)
+    assert "precomputed" in result["protocol"]["reference"]["fid_statistics"]
+    assert result["protocol"]["sampler_settings"] is None and result["protocol"]["classifier"] is None
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({}, "both samples= and ref= are required"),
+    ({"samples": "/nonexistent/samples.npz", "ref": "mnist_test"}, "/nonexistent/samples.npz does not exist"),
+    ({"samples": "SAMPLES", "ref": "imagenet_val"}, r"unknown reference 'imagenet_val': known named references are \['mnist_test'"),
+    ({"samples": "SAMPLES", "ref": "mnist_test", "classifier": "maybe"}, "classifier='maybe': use auto, true or false"),
+    ({"samples": "SAMPLES", "ref": "mnist_test", "device": "cuda:99"}, "device=cuda:99 but no CUDA device is available"),
+])
+def test_bad_options_give_clear_errors(tmp_path, values, message):
+    if "device" in values and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    write_adm_npz(tmp_path / "samples.npz", mnist_images("test")[0][:4])
+    values = {k: str(tmp_path / "samples.npz") if v == "SAMPLES" else v for k, v in values.items()}
+    with pytest.raises(EvaluationInputError, match=message):
+        _load_entrypoint().run(_cfg(cache_dir=str(tmp_path / "cache"), **values))
+
+
+def test_cli_error_exit_code_and_message(tmp_path):
+    proc = _cli(f"samples={tmp_path / 'missing.npz'}", "ref=mnist_test", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "missing.npz does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_reproduce_script_stops_offline_with_instructions(tmp_path):
+    env = {**os.environ, "PIXELFLOW_CKPT_DIR": str(tmp_path / "ckpt"), "ADM_REF": str(tmp_path / "ref.npz"),
+           "PYTHON": "/bin/false", "DOWNLOAD": "0"}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_imagenet256.sh")], cwd=tmp_path, capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert proc.returncode == 1
+    for needle in ("ShoufaChen/PixelFlow-Class2Image", "VIRTUAL_imagenet256_labeled.npz", str(tmp_path / "ckpt"),
+                   str(tmp_path / "ref.npz"), "guided-diffusion", "DOWNLOAD=1"):
+        assert needle in proc.stderr, needle
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "ref.npz").exists()
