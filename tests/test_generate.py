@@ -81,3 +81,16 @@ def test_killed_generation_resumes_without_gaps_or_duplicates(tmp_path, ckpt):
     fresh = sample_cli(*args[:1], f"out_dir={tmp_path}/fresh", *args[2:])
     assert fresh.wait(timeout=300) == 0
     assert np.array_equal(np.load(tmp_path / "fresh" / "samples.npz")["arr_0"], data["arr_0"])
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_samples_as_one(tmp_path, ckpt):
+    common = (f"ckpt={ckpt}", "num_samples=10", "sampler.steps=2", "save_png=false", "accelerator=cpu")
+    two = sample_cli(*common, f"out_dir={tmp_path}/two", "batch_size=2", "devices=2")
+    one = sample_cli(*common, f"out_dir={tmp_path}/one", "batch_size=3")
+    for proc in (two, one):
+        log = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, log
+    a, b = (np.load(tmp_path / d / "samples.npz") for d in ("one", "two"))
+    assert np.array_equal(a["arr_1"], b["arr_1"])
+    assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1
