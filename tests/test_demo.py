@@ -243,9 +243,13 @@ def test_api_same_seed_same_pixels(client):
 
 
 def test_queue_serves_concurrent_users(client):
-    jobs = [client.submit(class_value=c, seed=9, **FAST, api_name="/generate") for c in (1, 2, 1)]
-    results = [_pixels(job.result(timeout=60)[0][0]["image"]) for job in jobs]
-    assert results[0] == results[2] != results[1]
+    # Distinct images: gradio caches outputs by content hash, and two identical images downloaded
+    # concurrently would share (and rewrite) one cache file.
+    jobs = [client.submit(class_value=c, seed=9, **FAST, api_name="/generate") for c in (1, 2, 3)]
+    concurrent = [_pixels(job.result(timeout=60)[0][0]["image"]) for job in jobs]
+    assert len(set(concurrent)) == 3
+    sequential = _pixels(client.predict(class_value=3, seed=9, **FAST, api_name="/generate")[0][0]["image"])
+    assert concurrent[2] == sequential
 
 
 @pytest.mark.parametrize("bad, message", [
