@@ -1,0 +1,108 @@
+"""Unreadable images never crash a run: decode strictly, skip, count across worker processes, report.
+
+:func:`open_rgb` decodes an image completely (a truncated JPEG fails here, not later in a
+transform). Datasets call :meth:`SkipLedger.record` when it fails and move on; the ledger's
+counters live in shared memory, so DataLoader worker processes report to the main process.
+:class:`SkipReporting` (a datamodule mixin) prints the count after every pass over the data
+and a summary at the end of training.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import get_worker_info
+
+__all__ = ["UNREADABLE_ERRORS", "open_rgb", "SkipLedger", "SkipReporting"]
+
+log = logging.getLogger("pixelflow.data")
+
+# What PIL and the tar reader raise for broken inputs (UnidentifiedImageError is an OSError).
+UNREADABLE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+def open_rgb(source: str | Path | bytes) -> Image.Image:
+    """Fully decode an image file or encoded bytes to RGB; raises one of :data:`UNREADABLE_ERRORS`."""
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        image.load()
+        return image.convert("RGB")
+
+
+class SkipLedger:
+    """Counts skipped samples in shared memory: one counter per DataLoader worker (no races), plus
+    one flag per dataset index when the dataset is indexable (to name the distinct bad files)."""
+
+    def __init__(self, num_items: int = 0, max_workers: int = 256):
+        self.max_workers = max_workers
+        self._counts = torch.zeros(max_workers + 1, dtype=torch.int64).share_memory_()
+        self._flags = torch.zeros(num_items, dtype=torch.bool).share_memory_()
+
+    def record(self, what: str, error: BaseException, index: int | None = None) -> None:
+        """Count one skipped sample (called in whichever process read it) and log why."""
+        info = get_worker_info()
+        self._counts[0 if info is None else 1 + info.id % self.max_workers] += 1
+        if index is not None and index < len(self._flags):
+            self._flags[index] = True
+        log.warning("skipping unreadable data: %s (%s: %s)", what, type(error).__name__, error)
+
+    @property
+    def total(self) -> int:
+        """Skip events so far, over all workers (a bad file met twice counts twice)."""
+        return int(self._counts.sum())
+
+    def bad_indices(self) -> list[int]:
+        """Distinct dataset indices found unreadable so far."""
+        return self._flags.nonzero().flatten().tolist()
+
+
+class SkipReporting:
+    """Datamodule mixin: prints skipped-image counts after each pass over the data and a summary.
+
+    The host sets ``self.skips`` (a :class:`SkipLedger`) and implements ``samples_per_pass()``
+    and ``describe_skips()``. Counts are per rank; every rank prints its own lines.
+    """
+
+    skips: SkipLedger | None = None
+    _batches_seen = 0
+    _reported = 0
+
+    def samples_per_pass(self) -> int:
+        raise NotImplementedError
+
+    def describe_skips(self) -> str:
+        """Extra detail for the summary line (e.g. the first bad file names)."""
+        return ""
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Count this rank's batches; at each completed pass over the data, report new skips."""
+        if self.trainer is not None and self.trainer.training:
+            self._batches_seen += 1
+            consumed = getattr(self, "_start", 0) + self._batches_seen * self.batch_size  # this rank, since step 0
+            world, per_pass = max(self.trainer.world_size, 1), max(self.samples_per_pass(), 1)
+            finished = consumed * world // per_pass
+            if finished > (consumed - self.batch_size) * world // per_pass:
+                self.report_skips(f"data pass {finished} done")
+        return batch
+
+    def report_skips(self, when: str) -> int:
+        """Print (and log to the trainer's loggers) how many images were skipped; return the total."""
+        total = self.skips.total if self.skips is not None else 0
+        new, self._reported = total - self._reported, total
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        print(f"[pixelflow] {when}: {new} unreadable image(s) skipped since the last report, {total} in total (rank {rank})")
+        if self.trainer is not None:
+            for logger in self.trainer.loggers:
+                logger.log_metrics({"data/skipped_images": total}, step=self.trainer.global_step)
+        return total
+
+    def teardown(self, stage: str) -> None:
+        """End of fit: one summary line per rank."""
+        if stage == "fit" and self.skips is not None:
+            self.report_skips("training finished")
+            detail = self.describe_skips()
+            if detail:
+                print(f"[pixelflow] unreadable images: {detail}")

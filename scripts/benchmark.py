@@ -1,0 +1,315 @@
+"""Throughput and memory of one training recipe and of sampling; prints one JSON object.
+
+    python scripts/benchmark.py                                   # Tiny/4, 32 px, CPU
+    python scripts/benchmark.py --model XL/4 --micro-batch 32 --precision bf16-mixed --device cuda
+    python scripts/benchmark.py --model XL/4 --device meta        # FLOPs only (no memory, no GPU)
+
+Training: AdamW (foreach on CUDA), gradient clipping 1.0, EMA every step, ``--accumulation``
+micro-batches per optimizer step, the real ``cascade_loss`` (per-stage sub-batches) on random
+images. Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the high-water mark of
+live tensor bytes seen by :class:`TensorMemoryTracker` over one extra step (the same quantity,
+counted by a dispatch mode because CPU has no allocator statistics). FLOPs per image come from
+``torch.utils.flop_counter.FlopCounterMode`` (fwd + bwd of one micro-batch); MFU is reported
+where a CUDA device is present. ``padding`` compares the per-stage sub-batches with one padded
+batch at the full size: tokens, FLOPs and (except on meta) measured time of forward + backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+import weakref
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pixelflow.cascade import CascadeSchedule  # noqa: E402
+from pixelflow.model import PixelFlowTransformer, build_model  # noqa: E402
+from pixelflow.objective import cascade_loss  # noqa: E402
+from pixelflow.samplers import CascadeSampler, SamplerConfig  # noqa: E402
+
+# Dense bf16 tensor-core peaks (TFLOP/s) used for MFU; override with --peak-tflops.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0, "A10": 125.0}
+
+
+class TensorMemoryTracker(TorchDispatchMode):
+    """Live-tensor bytes and their high-water mark on CPU: every op output's storage is counted
+    until it is freed (a weakref callback). Tensors made outside the mode are added with :meth:`track`."""
+
+    def __init__(self):
+        super().__init__()
+        self.current = self.peak = 0
+        self._live: dict[int, tuple[int, weakref.ref]] = {}
+
+    def track(self, *tensors: torch.Tensor) -> None:
+        for t in tensors:
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key, size = storage.data_ptr(), storage.nbytes()
+            if size == 0 or key in self._live:
+                continue
+            self._live[key] = (size, weakref.ref(storage, lambda _, k=key: self._free(k)))
+            self.current += size
+            self.peak = max(self.peak, self.current)
+
+    def _free(self, key: int) -> None:
+        size, _ = self._live.pop(key, (0, None))
+        self.current -= size
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.track(*tree_flatten(out)[0])
+        return out
+
+
+def default_image_size(name: str) -> int:
+    return 32 if name.split("/")[0] in ("Tiny", "Test") else 256
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "bf16-mixed" and device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class Recipe:
+    """Model, schedule, AdamW, EMA and one optimizer step of ``accumulation`` micro-batches."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device):
+        self.args, self.device = args, device
+        with torch.device(device):
+            self.model = build_model(args.model, num_classes=args.num_classes,
+                                     gradient_checkpointing=args.grad_checkpointing).train()
+        self.schedule = CascadeSchedule(image_size=args.image_size, num_stages=args.num_stages)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.0)
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(0.9999)) if args.ema else None
+        self.generator = torch.Generator(device if device.type != "meta" else "cpu").manual_seed(0)
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        a, d = self.args, self.device
+        images = torch.rand(a.micro_batch, 3, a.image_size, a.image_size, device=d) * 2 - 1
+        return images, torch.randint(0, a.num_classes, (a.micro_batch,), device=d)
+
+    def loss(self) -> torch.Tensor:
+        if self.device.type == "meta":
+            return self.meta_loss()
+        images, labels = self.batch()
+        with autocast(self.device, self.args.precision):
+            loss, _ = cascade_loss(self.model, self.schedule, images, labels, self.generator, label_dropout=0.1)
+        return loss
+
+    def meta_loss(self) -> torch.Tensor:
+        """cascade_loss's sub-batches (balanced stages) without its data-dependent indexing, for FLOP counts."""
+        counts = torch.bincount(torch.arange(self.args.micro_batch) % self.schedule.num_stages).tolist()
+        losses = []
+        for n, side in zip(counts, self.schedule.stage_sides):
+            x = torch.zeros(n, 3, side, side, device=self.device)
+            pred = self.model(x, torch.zeros(n, device=self.device), torch.zeros(n, dtype=torch.long, device=self.device))
+            losses.append((pred - x).square().mean(dim=(1, 2, 3)))
+        return torch.cat(losses).mean()
+
+    def step(self) -> None:
+        for _ in range(self.args.accumulation):
+            (self.loss() / self.args.accumulation).backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeats: int) -> float:
+    """Seconds per call of ``fn`` (after one untimed warm-up call)."""
+    fn()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def count_flops(fn) -> int:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def stage_tokens(schedule: CascadeSchedule, patch: int, batch: int) -> tuple[int, int]:
+    """(tokens with per-stage sub-batches, tokens if every sample were padded to the full size)."""
+    counts = torch.bincount(torch.arange(batch) % schedule.num_stages, minlength=schedule.num_stages).tolist()
+    sub = sum(n * (side // patch) ** 2 for n, side in zip(counts, schedule.stage_sides))
+    return sub, batch * (schedule.image_size // patch) ** 2
+
+
+def padded_loss(recipe: Recipe) -> torch.Tensor:
+    """The padded alternative's cost: every sample through the network at the full size."""
+    images, labels = recipe.batch()
+    t = torch.rand(images.shape[0], device=images.device) * 999
+    with autocast(recipe.device, recipe.args.precision):
+        return F.mse_loss(recipe.model(images, t, labels).float(), images)
+
+
+def padding_report(recipe: Recipe) -> dict:
+    model, args = recipe.model, recipe.args
+    sub_tokens, pad_tokens = stage_tokens(recipe.schedule, model.patch_size, args.micro_batch)
+    report = {"micro_batch": args.micro_batch, "tokens_sub_batches": sub_tokens, "tokens_padded": pad_tokens,
+              "token_ratio_padded_over_sub": pad_tokens / sub_tokens,
+              "flops_sub_batches": count_flops(lambda: recipe.loss().backward()),
+              "flops_padded": count_flops(lambda: padded_loss(recipe).backward())}
+    report["flop_ratio_padded_over_sub"] = report["flops_padded"] / report["flops_sub_batches"]
+    model.zero_grad(set_to_none=True)
+    if recipe.device.type != "meta":
+        repeats = max(args.steps, 1)
+        report["seconds_sub_batches"] = timed(lambda: recipe.loss().backward(), recipe.device, repeats)
+        report["seconds_padded"] = timed(lambda: padded_loss(recipe).backward(), recipe.device, repeats)
+        report["time_ratio_padded_over_sub"] = report["seconds_padded"] / report["seconds_sub_batches"]
+        model.zero_grad(set_to_none=True)
+    return report
+
+
+def peak_memory(recipe: Recipe) -> tuple[int, str]:
+    """Peak bytes of one optimizer step (after a warm-up step, so AdamW state exists)."""
+    device = recipe.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        recipe.step()
+        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    tracker = TensorMemoryTracker()
+    tracker.track(*recipe.model.parameters(), *recipe.model.buffers())
+    tracker.track(*[t for state in recipe.optimizer.state.values() for t in state.values()])
+    if recipe.ema is not None:
+        tracker.track(*recipe.ema.parameters(), *recipe.ema.buffers())
+    with tracker:
+        recipe.step()
+    return tracker.peak, "live tensor bytes high-water mark (TensorMemoryTracker)"
+
+
+def sampling_report(model: PixelFlowTransformer, schedule: CascadeSchedule, args: argparse.Namespace,
+                    device: torch.device) -> dict:
+    sampler = CascadeSampler(model.eval(), schedule, SamplerConfig(method="euler", steps=args.sample_steps, cfg=args.cfg))
+    labels = torch.arange(args.sample_batch, device=device) % args.num_classes
+    with autocast(device, args.precision):
+        seconds = timed(lambda: sampler.sample(labels, generator=torch.Generator(device).manual_seed(0)), device, 1)
+    model.train()
+    return {"images_per_s": args.sample_batch / seconds, "seconds_per_batch": seconds, "batch": args.sample_batch,
+            "steps_per_stage": args.sample_steps, "cfg": args.cfg, "model_calls": args.sample_steps * args.num_stages}
+
+
+def sampling_flops_per_image(model: PixelFlowTransformer, schedule: CascadeSchedule, args: argparse.Namespace,
+                             device: torch.device) -> float:
+    """Forward FLOPs of one image through every stage, x Euler steps, x 2 for the guidance batch."""
+    def forwards() -> None:
+        with torch.no_grad():
+            for side in schedule.stage_sides:
+                model(torch.zeros(1, 3, side, side, device=device), torch.zeros(1, device=device),
+                      torch.zeros(1, dtype=torch.long, device=device))
+
+    return count_flops(forwards) * args.sample_steps * (2 if args.cfg > 1 else 1)
+
+
+def device_peak_tflops(device: torch.device, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run every measurement the flags ask for; return the JSON-ready result."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    args.image_size = args.image_size or default_image_size(args.model)
+    args.num_classes = args.num_classes or (10 if args.image_size <= 64 else 1000)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    recipe = Recipe(args, device)
+    flops_per_image = count_flops(lambda: recipe.loss().backward()) / args.micro_batch
+    recipe.model.zero_grad(set_to_none=True)
+    result = {
+        "model": args.model, "params": sum(p.numel() for p in recipe.model.parameters()),
+        "image_size": args.image_size, "num_stages": args.num_stages, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "recipe": {"micro_batch": args.micro_batch, "accumulation": args.accumulation, "precision": args.precision,
+                   "gradient_checkpointing": args.grad_checkpointing, "ema": args.ema, "optimizer": "AdamW",
+                   "grad_clip": 1.0},
+        "train": {"flops_per_image": flops_per_image},
+        "mfu": None,
+    }
+    peak_tflops = device_peak_tflops(device, args.peak_tflops)
+    if device.type == "meta":
+        sample_flops = sampling_flops_per_image(recipe.model, recipe.schedule, args, device)
+        result["sample"] = {"flops_per_image": sample_flops, "steps_per_stage": args.sample_steps, "cfg": args.cfg}
+        for part, flops in ((result["train"], flops_per_image), (result["sample"], sample_flops)):
+            part["estimated_images_per_s"] = (
+                {f"mfu_{m:.2f}": m * peak_tflops * 1e12 / flops for m in args.assumed_mfu} if peak_tflops else None)
+    else:
+        seconds = timed(recipe.step, device, args.steps)
+        images = args.micro_batch * args.accumulation
+        peak, method = peak_memory(recipe)
+        result["train"].update(images_per_s=images / seconds, step_time_s=seconds, peak_memory_bytes=peak,
+                               peak_memory_method=method, process_max_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+        if peak_tflops:
+            result["mfu"] = flops_per_image * result["train"]["images_per_s"] / (peak_tflops * 1e12)
+        if args.sample_batch:
+            result["sample"] = sampling_report(recipe.model, recipe.schedule, args, device)
+    if args.padding:
+        result["padding"] = padding_report(recipe)
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="Tiny/4", help="a name in pixelflow.model.PIXELFLOW_CONFIGS")
+    p.add_argument("--image-size", type=int, default=None, help="default: 32 for Tiny/Test, 256 otherwise")
+    p.add_argument("--num-stages", type=int, default=4)
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--accumulation", type=int, default=1)
+    p.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--no-ema", dest="ema", action="store_false")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, or meta (count FLOPs only)")
+    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps (after one warm-up)")
+    p.add_argument("--sample-batch", type=int, default=4, help="0 skips the sampling benchmark")
+    p.add_argument("--sample-steps", type=int, default=2, help="Euler steps per stage")
+    p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--no-padding", dest="padding", action="store_false", help="skip the padded-batch comparison")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: table by GPU name)")
+    p.add_argument("--assumed-mfu", type=float, nargs="+", default=[0.3, 0.4, 0.5], help="for --device meta estimates")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    result = run(parse_args(argv))
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Peak training memory of a recipe on a GPU we do not have, by calibrated accounting.
+
+    python scripts/estimate_memory.py                       # imagenet256_xl4_24gb: XL/4, bf16, micro 32, ckpt, EMA
+    python scripts/estimate_memory.py --no-grad-checkpointing --micro-batch 8
+    python scripts/estimate_memory.py --validate            # the method checked on a small model on CPU
+
+Method (bytes; P = parameter count, L = depth):
+
+- static S = 4P weights + 8P AdamW moments + 4P EMA copy (fp32) = 16P, exact.
+- per step, on top of S, where the stage mix enters through T = tokens of the micro-batch's
+  per-stage sub-batches (every sample at its own stage's size, no padding):
+    forward high-water  F   (saved activations + autocast's bf16 weight copies + one op's output)
+    kept for backward   R   (saved activations; with checkpointing only block inputs)
+    backward            B = R + 4P + W  (bound: all that is kept, every gradient, and the working set
+                        W of one block, a line in T_last = tokens of the full-size stage's sub-batch)
+    optimizer step      k_opt * 4P   (gradients + foreach temporaries; measured ratio)
+  F and R have the form (c0 + c1 L) + (a0 + a1 L) T: a constant, a per-block constant (autocast's
+  weight copies), per-token bytes outside the blocks and per-token bytes per block. All
+  coefficients come from four instrumented training steps of the same width on CPU (depth
+  L = 1, 2 x micro-batch 4, 8, i.e. one and two samples per stage; at 128 px by default, since
+  bf16 is slow on CPU: every term is linear in tokens, so 256 px is reached through T), where
+  :class:`TensorMemoryTracker` counts live tensor bytes (the CPU analogue of
+  torch.cuda.max_memory_allocated). CPU and CUDA autocast cast the same ops and both run flash
+  attention (memory linear in tokens), so the per-token bytes carry over to a GPU.
+- peak = S + max(F, B, k_opt 4P); the budget adds the CUDA context and allocator slack.
+
+``--validate`` runs the same calibration on a small model, predicts its full depth at twice the
+image size and a larger micro-batch, and compares with a measured step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmark import TensorMemoryTracker, autocast, stage_tokens  # noqa: E402
+
+from pixelflow.cascade import CascadeSchedule  # noqa: E402
+from pixelflow.model import PIXELFLOW_CONFIGS, build_model  # noqa: E402
+from pixelflow.objective import cascade_loss  # noqa: E402
+
+GIB = 2**30
+# Outside the allocator's count: CUDA context + kernels (~0.5-0.6 GiB on Hopper/Ada with torch 2.x)
+# and the caching allocator's fragmentation (reserved above allocated, typically 5-10%).
+CUDA_CONTEXT_BYTES = 0.6 * GIB
+ALLOCATOR_SLACK = 0.10
+
+
+def tokens(image_size: int, micro_batch: int, patch: int, num_stages: int = 4) -> tuple[int, int]:
+    """(T, T_last): tokens of one micro-batch with balanced stages (each sample at its stage's size),
+    and of its full-size stage's sub-batch."""
+    total = stage_tokens(CascadeSchedule(image_size=image_size, num_stages=num_stages), patch, micro_batch)[0]
+    return total, len(range(num_stages - 1, micro_batch, num_stages)) * (image_size // patch) ** 2
+
+
+def param_count(model: str, depth: int | None = None, num_classes: int = 1000) -> int:
+    with torch.device("meta"):
+        net = build_model(model, num_classes=num_classes, **({"depth": depth} if depth else {}))
+    return sum(p.numel() for p in net.parameters())
+
+
+def measure(model: str, depth: int, image_size: int, micro_batch: int, precision: str, ckpt: bool, ema: bool,
+            num_classes: int = 1000) -> dict:
+    """One instrumented optimizer step on CPU: static bytes and the per-phase high-water marks above them."""
+    torch.manual_seed(0)
+    net = build_model(model, num_classes=num_classes, depth=depth, gradient_checkpointing=ckpt).train()
+    params = list(net.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-4, foreach=True)  # the CUDA default; CPU would default to a loop
+    for p in params:  # create the AdamW moments without a real step
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    ema_copy = [p.detach().clone() for p in params] if ema else []
+    schedule = CascadeSchedule(image_size=image_size)
+    images = torch.rand(micro_batch, 3, image_size, image_size) * 2 - 1
+    labels = torch.randint(0, num_classes, (micro_batch,))
+    tracker = TensorMemoryTracker()
+    tracker.track(*params, *ema_copy, *[t for s in optimizer.state.values() for t in s.values()], images, labels)
+    static = tracker.current
+    out = {"depth": depth, "micro_batch": micro_batch, "image_size": image_size, "P": sum(p.numel() for p in params),
+           "static": static}
+    with tracker:
+        with autocast(torch.device("cpu"), precision):
+            loss, _ = cascade_loss(net, schedule, images, labels, torch.Generator().manual_seed(0))
+        out["forward"] = tracker.peak - static
+        out["retained"] = tracker.current - static
+        tracker.reset_peak()
+        loss.backward()
+        out["backward"] = tracker.peak - static
+        del loss
+        tracker.reset_peak()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        optimizer.step()
+        for e, p in zip(ema_copy, params):
+            e.lerp_(p.detach(), 1 - 0.9999)
+        out["optimizer"] = tracker.peak - static
+    out["T"], out["T_last"] = tokens(image_size, micro_batch, net.patch_size)
+    return out
+
+
+def _solve(rows: list[tuple[float, float]], values: list[float]) -> list[float]:
+    """Coefficients (c0, c1, a0, a1) of v = c0 + c1 L + (a0 + a1 L) X through four (L, X) points."""
+    a = torch.tensor([[1.0, L, X, L * X] for L, X in rows], dtype=torch.float64)
+    return torch.linalg.solve(a, torch.tensor(values, dtype=torch.float64)).tolist()
+
+
+def _line(xs: list[float], ys: list[float]) -> list[float]:
+    """Least-squares (w0, w1) of y = w0 + w1 x."""
+    a = torch.tensor([[1.0, x] for x in xs], dtype=torch.float64)
+    return torch.linalg.lstsq(a, torch.tensor(ys, dtype=torch.float64)[:, None]).solution.flatten().tolist()
+
+
+def measure_runs(model: str, precision: str, ckpt: bool, ema: bool, image_size: int, batches: tuple[int, int] = (4, 8),
+                 num_classes: int = 1000) -> list[dict]:
+    """The four calibration steps: depth 1, 2 x two micro-batches."""
+    return [measure(model, d, image_size, b, precision, ckpt, ema, num_classes) for d in (1, 2) for b in batches]
+
+
+def fit(runs: list[dict]) -> dict:
+    """F and R: exact bilinear fits in (L, T). W: backward high-water minus R minus all gradients, a line in
+    T_last (one block at a time, so no L term). k_opt: optimizer-step high-water over 4P."""
+    points = [(r["depth"], r["T"]) for r in runs]
+    return {
+        "forward": _solve(points, [r["forward"] for r in runs]),
+        "retained": _solve(points, [r["retained"] for r in runs]),
+        "working_set": _line([r["T_last"] for r in runs], [r["backward"] - r["retained"] - 4 * r["P"] for r in runs]),
+        "k_opt": max(r["optimizer"] / (4 * r["P"]) for r in runs),
+    }
+
+
+def _eval(c: list[float], depth: int, x: int) -> float:
+    return c[0] + c[1] * depth + (c[2] + c[3] * depth) * x
+
+
+def predict(cal: dict, model: str, image_size: int, micro_batch: int, ema: bool, num_classes: int = 1000) -> dict:
+    """Peak bytes of one optimizer step of ``model`` at full depth from the fitted coefficients ``cal``."""
+    depth, patch = PIXELFLOW_CONFIGS[model]["depth"], PIXELFLOW_CONFIGS[model]["patch_size"]
+    p = param_count(model, num_classes=num_classes)
+    total, last = tokens(image_size, micro_batch, patch)
+    static = (12 + (4 if ema else 0)) * p
+    fwd, retained = _eval(cal["forward"], depth, total), _eval(cal["retained"], depth, total)
+    # Bound: everything kept for backward, every gradient, and one block's working set at once.
+    bwd = retained + 4 * p + cal["working_set"][0] + cal["working_set"][1] * last
+    opt = cal["k_opt"] * 4 * p
+    peak = static + max(fwd, bwd, opt)
+    return {"params": p, "tokens": total, "tokens_last_stage": last, "static": static, "forward": fwd,
+            "retained": retained, "backward": bwd, "optimizer": opt, "peak_allocated": peak,
+            "phase_at_peak": ["forward", "backward", "optimizer"][[fwd, bwd, opt].index(max(fwd, bwd, opt))],
+            "budget": peak * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES}
+
+
+BYTE_KEYS = ("static", "forward", "retained", "backward", "optimizer", "peak_allocated", "budget")
+
+
+def gib(report: dict) -> dict:
+    """The byte-valued entries of a :func:`predict` report in GiB."""
+    return {k: round(v / GIB, 3) if k in BYTE_KEYS else v for k, v in report.items()}
+
+
+def validate(model: str, precision: str, ckpt: bool, ema: bool, micro_batches: list[int], num_classes: int = 10) -> list[dict]:
+    """Calibrate ``model`` (depths 1-2, stage grids 2..16); predict its full depth at twice the image
+    size (grids 4..32) for each micro-batch; compare each with a measured step."""
+    small = 16 * PIXELFLOW_CONFIGS[model]["patch_size"]
+    image_size, depth = 2 * small, PIXELFLOW_CONFIGS[model]["depth"]
+    cal = fit(measure_runs(model, precision, ckpt, ema, small, num_classes=num_classes))
+    checks = []
+    for micro_batch in micro_batches:
+        predicted = predict(cal, model, image_size, micro_batch, ema, num_classes)
+        measured = measure(model, depth, image_size, micro_batch, precision, ckpt, ema, num_classes)
+        actual = measured["static"] + max(measured["forward"], measured["backward"], measured["optimizer"])
+        checks.append({
+            "model": model, "image_size": image_size, "precision": precision, "gradient_checkpointing": ckpt,
+            "micro_batch": micro_batch, "predicted_peak_bytes": round(predicted["peak_allocated"]),
+            "measured_peak_bytes": actual, "relative_error": predicted["peak_allocated"] / actual - 1,
+            "predicted_phase": predicted["phase_at_peak"],
+            **{f"{phase}_predicted_vs_measured": [round(predicted[phase]), measured[phase]]
+               for phase in ("forward", "retained", "backward")}})
+    return checks
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="XL/4")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, nargs="+", default=[32], help="one estimate per value")
+    p.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="bf16-mixed")
+    p.add_argument("--no-grad-checkpointing", dest="ckpt", action="store_false")
+    p.add_argument("--no-ema", dest="ema", action="store_false")
+    p.add_argument("--gpu-gib", type=float, default=24.0 * 1e9 / GIB, help="device memory (default a '24 GB' card)")
+    p.add_argument("--calibration-size", type=int, default=128,
+                   help="image size of the CPU calibration steps (token counts are extrapolated linearly)")
+    p.add_argument("--calibration", default=None, help="reuse calibration_runs from an earlier output JSON of this script")
+    p.add_argument("--validate", action="store_true", help="check the method on --validate-model instead")
+    p.add_argument("--validate-model", nargs="+", default=["Tiny/4", "S/4"])
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # checkpointing's use_reentrant notes etc.
+        if args.validate:
+            result = {"validation": [check for m in args.validate_model for ckpt in (False, True)
+                                     for check in validate(m, args.precision, ckpt, args.ema, args.micro_batch)]}
+        else:
+            setting = {"model": args.model, "calibration_size": args.calibration_size, "precision": args.precision,
+                       "gradient_checkpointing": args.ckpt, "ema": args.ema}
+            if args.calibration:
+                earlier = json.loads(Path(args.calibration).read_text())
+                if any(earlier[k] != v for k, v in setting.items() if k != "ema"):  # EMA only changes S
+                    raise SystemExit(f"{args.calibration} was calibrated for a different setting than {setting}")
+                runs = earlier["calibration_runs"]
+            else:
+                runs = measure_runs(args.model, args.precision, args.ckpt, args.ema, args.calibration_size)
+            cal = fit(runs)
+            estimates = []
+            for mb in args.micro_batch:
+                est = gib(predict(cal, args.model, args.image_size, mb, args.ema))
+                est.update(micro_batch=mb, fits=est["budget"] <= args.gpu_gib)
+                estimates.append(est)
+            result = {**setting, "image_size": args.image_size, "gpu_gib": round(args.gpu_gib, 2), "units": "GiB (tokens, params: counts)",
+                      "estimates": estimates, "calibration": cal, "calibration_runs": runs}
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

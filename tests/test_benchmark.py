@@ -1,0 +1,61 @@
+"""scripts/benchmark.py and scripts/estimate_memory.py run on tiny settings and print valid JSON."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load(name: str):
+    sys.path.insert(0, str(SCRIPTS))
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+benchmark, estimate_memory = load("benchmark"), load("estimate_memory")
+
+
+@pytest.mark.slow
+def test_benchmark_tiny_cpu_prints_json_with_every_figure(capsys):
+    result = benchmark.main(["--model", "Test/2", "--micro-batch", "4", "--steps", "1", "--sample-batch", "2",
+                             "--sample-steps", "1"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(json.dumps(result))
+    assert printed["recipe"] == {"micro_batch": 4, "accumulation": 1, "precision": "32-true", "gradient_checkpointing": False,
+                                 "ema": True, "optimizer": "AdamW", "grad_clip": 1.0}
+    train = printed["train"]
+    assert train["images_per_s"] > 0 and train["flops_per_image"] > 0 and printed["mfu"] is None
+    # Peak: at least weights + grads + AdamW moments + EMA = 20 bytes per parameter.
+    assert train["peak_memory_bytes"] >= 20 * printed["params"]
+    assert printed["sample"]["images_per_s"] > 0 and printed["sample"]["model_calls"] == 4
+    pad = printed["padding"]
+    # Test/2 at 32 px: stage grids 2, 4, 8, 16 -> one sample each: 4 + 16 + 64 + 256 tokens vs 4 x 256 padded.
+    assert (pad["tokens_sub_batches"], pad["tokens_padded"]) == (340, 1024)
+    assert pad["flops_padded"] > 2.5 * pad["flops_sub_batches"] and pad["seconds_padded"] > 0
+
+
+def test_benchmark_meta_counts_flops_without_memory(capsys):
+    result = benchmark.main(["--model", "S/4", "--device", "meta", "--micro-batch", "4", "--peak-tflops", "100",
+                             "--assumed-mfu", "0.5"])
+    assert json.loads(capsys.readouterr().out)["model"] == "S/4"
+    images_per_s = result["train"]["estimated_images_per_s"]["mfu_0.50"]
+    assert images_per_s == pytest.approx(0.5 * 100e12 / result["train"]["flops_per_image"])
+    assert result["padding"]["token_ratio_padded_over_sub"] == pytest.approx(4 * 64**2 / (8**2 + 16**2 + 32**2 + 64**2))
+
+
+@pytest.mark.slow
+def test_memory_estimate_matches_a_measured_step(capsys):
+    (check,) = estimate_memory.validate("Test/2", "bf16-mixed", ckpt=True, ema=True, micro_batches=[16])
+    assert abs(check["relative_error"]) < 0.1
+    assert check["retained_predicted_vs_measured"][0] == pytest.approx(check["retained_predicted_vs_measured"][1], rel=0.05)
+    result = estimate_memory.main(["--model", "Test/2", "--image-size", "32", "--calibration-size", "32", "--micro-batch", "4", "16"])
+    assert json.loads(capsys.readouterr().out)["gradient_checkpointing"] is True
+    small, large = result["estimates"]
+    assert small["static"] == large["static"] == pytest.approx(16 * small["params"] / 2**30, abs=1e-3)
+    assert large["retained"] > small["retained"] and large["fits"]
