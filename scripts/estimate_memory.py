@@ -6,7 +6,7 @@
 
 Method (bytes; P = parameter count, L = depth):
 
-- static S = 4P weights + 8P AdamW moments + 4P EMA copy (fp32) = 16P, exact.
+- static S = 4P weights + 8P AdamW moments + 4P EMA copy (fp32) = 16P, plus the input batch; exact.
 - per step, on top of S, where the stage mix enters through T = tokens of the micro-batch's
   per-stage sub-batches (every sample at its own stage's size, no padding):
     forward high-water  F   (saved activations + autocast's bf16 weight copies + one op's output)
@@ -145,7 +145,7 @@ def predict(cal: dict, model: str, image_size: int, micro_batch: int, ema: bool,
     depth, patch = PIXELFLOW_CONFIGS[model]["depth"], PIXELFLOW_CONFIGS[model]["patch_size"]
     p = param_count(model, num_classes=num_classes)
     total, last = tokens(image_size, micro_batch, patch)
-    static = (12 + (4 if ema else 0)) * p
+    static = (12 + (4 if ema else 0)) * p + micro_batch * 3 * image_size**2 * 4  # + the fp32 input batch
     fwd, retained = _eval(cal["forward"], depth, total), _eval(cal["retained"], depth, total)
     # Bound: everything kept for backward, every gradient, and one block's working set at once.
     bwd = retained + 4 * p + cal["working_set"][0] + cal["working_set"][1] * last
