@@ -41,7 +41,8 @@ from pixelflow.objective import cascade_loss  # noqa: E402
 from pixelflow.samplers import CascadeSampler, SamplerConfig  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) used for MFU; override with --peak-tflops.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0, "A10": 125.0}
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0, "L4": 121.0,
+                    "A10": 125.0}
 
 
 class TensorMemoryTracker(TorchDispatchMode):

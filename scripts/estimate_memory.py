@@ -61,9 +61,9 @@ def tokens(image_size: int, micro_batch: int, patch: int, num_stages: int = 4) -
     return total, len(range(num_stages - 1, micro_batch, num_stages)) * (image_size // patch) ** 2
 
 
-def param_count(model: str, depth: int | None = None, num_classes: int = 1000) -> int:
+def param_count(model: str, num_classes: int = 1000) -> int:
     with torch.device("meta"):
-        net = build_model(model, num_classes=num_classes, **({"depth": depth} if depth else {}))
+        net = build_model(model, num_classes=num_classes)
     return sum(p.numel() for p in net.parameters())
 
 

@@ -97,16 +97,21 @@ def make_shards(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     opts = {"image_size": args.image_size, "crop": args.crop, "quality": args.quality,
             "resize_size": (args.resize_size or default_resize(args.image_size)) if args.crop == "random" else None}
+    settings = {**opts, "format": args.format, "shard_size": args.shard_size, "seed": args.seed, "files": len(samples)}
+    settings_path = out / "make_shards.json"
+    if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
+        raise SystemExit(f"{out} holds shards written with other settings ({settings_path}); use a new folder")
+    _atomic_write_json(settings_path, settings)
     num_shards = (len(samples) + args.shard_size - 1) // args.shard_size
     shards: list[dict] = [{}] * num_shards
-    todo = []
+    todo: list[int] = []
     for i in range(num_shards):
         tar_path, stats_path = out / f"shard-{i:06d}.tar", out / f"shard-{i:06d}.json"
         if tar_path.is_file() and stats_path.is_file():
             shards[i] = json.loads(stats_path.read_text())
         else:
             todo.append(i)
-    done_files = sum(min(args.shard_size, len(samples) - i * args.shard_size) for i in range(num_shards) if i not in todo)
+    done_files = sum(min(args.shard_size, len(samples) - i * args.shard_size) for i in set(range(num_shards)) - set(todo))
     if done_files:
         print(f"[make_shards] resuming: {num_shards - len(todo)} of {num_shards} shards already written")
     with Pool(args.workers) if args.workers > 0 else nullcontext() as pool, \

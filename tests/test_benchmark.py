@@ -41,12 +41,15 @@ def test_benchmark_tiny_cpu_prints_json_with_every_figure(capsys):
 
 
 def test_benchmark_meta_counts_flops_without_memory(capsys):
-    result = benchmark.main(["--model", "S/4", "--device", "meta", "--micro-batch", "4", "--peak-tflops", "100",
-                             "--assumed-mfu", "0.5"])
-    assert json.loads(capsys.readouterr().out)["model"] == "S/4"
-    images_per_s = result["train"]["estimated_images_per_s"]["mfu_0.50"]
-    assert images_per_s == pytest.approx(0.5 * 100e12 / result["train"]["flops_per_image"])
-    assert result["padding"]["token_ratio_padded_over_sub"] == pytest.approx(4 * 64**2 / (8**2 + 16**2 + 32**2 + 64**2))
+    result = benchmark.main(["--model", "Tiny/4", "--device", "meta", "--micro-batch", "4", "--peak-tflops", "100",
+                             "--assumed-mfu", "0.5", "--sample-steps", "3"])
+    assert json.loads(capsys.readouterr().out)["model"] == "Tiny/4"
+    train, sample = result["train"], result["sample"]
+    assert train["estimated_images_per_s"]["mfu_0.50"] == pytest.approx(0.5 * 100e12 / train["flops_per_image"])
+    # Per image, training is one stage's forward + backward (~3 forwards of the mean stage F); sampling runs every
+    # stage (4 F) x 3 steps x 2 (guidance batch) = 24 F: eight times as much.
+    assert sample["flops_per_image"] == pytest.approx(8 * train["flops_per_image"], rel=0.1)
+    assert result["padding"]["token_ratio_padded_over_sub"] == pytest.approx(4 * 8**2 / (1 + 2**2 + 4**2 + 8**2))
 
 
 @pytest.mark.slow

@@ -105,7 +105,10 @@ def test_resume_keeps_finished_shards_and_rewrites_the_partial_one(shards, tmp_p
     monkeypatch.setattr(make_shards, "encode", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write(src, out)
-    assert sorted(p.name for p in out.iterdir()) == ["shard-000000.json", "shard-000000.tar", "shard-000001.tar.tmp"]
+    assert sorted(p.name for p in out.iterdir()) == ["make_shards.json", "shard-000000.json", "shard-000000.tar",
+                                                     "shard-000001.tar.tmp"]
+    with pytest.raises(SystemExit, match="other settings"):
+        write(src, out, "--format", "png")
     first_mtime = (out / "shard-000000.tar").stat().st_mtime_ns
     monkeypatch.setattr(make_shards, "encode", real_encode)
     index = write(src, out)
