@@ -138,8 +138,9 @@ class CascadeSchedule:
         return TrainingPair(x_t=x_t, target=x_end - x_start, timestep=timestep, stage=k)
 
     def balanced_stages(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One stage per sample, every stage equally often (up to the remainder), randomly placed."""
-        stages = torch.arange(batch) % self.num_stages
+        """One stage per sample, every stage equally often (the remainder's stages rotate randomly)."""
+        offset = torch.randint(self.num_stages, (1,), generator=generator)
+        stages = (torch.arange(batch) + offset) % self.num_stages
         return stages[torch.randperm(batch, generator=generator)]
 
     # ---- sampling-time transition ---------------------------------------------------------

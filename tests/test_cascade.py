@@ -70,6 +70,9 @@ def test_balanced_stages():
     stages = s.balanced_stages(64, torch.Generator().manual_seed(0))
     assert torch.bincount(stages, minlength=4).tolist() == [16, 16, 16, 16]
     assert not torch.equal(stages, s.balanced_stages(64, torch.Generator().manual_seed(1)))
+    # Micro-batches smaller than the stage count still reach every stage over steps.
+    seen = torch.cat([s.balanced_stages(2, torch.Generator().manual_seed(i)) for i in range(20)])
+    assert set(seen.tolist()) == {0, 1, 2, 3}
 
 
 def test_block_noise_statistics():
