@@ -44,11 +44,9 @@ class ResumableRandomSampler(Sampler[int]):
 class ImageDataModule(L.LightningDataModule):
     """Base datamodule: subclasses implement :meth:`build_train_dataset` (and may override loaders).
 
-    Attributes used by the rest of the framework: ``image_size``, ``channels``, ``num_classes``,
+    Attributes used by the rest of the framework: ``image_size``, ``num_classes``,
     ``class_names``, ``batch_size`` (the per-device micro-batch).
     """
-
-    channels = 3
 
     def __init__(self, batch_size: int, image_size: int, num_classes: int, class_names: list[str] | None = None,
                  num_workers: int = 0, seed: int = 0):
