@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 from functools import partial
 from typing import Any
@@ -16,6 +17,16 @@ from pixelflow.model import PixelFlowTransformer
 from pixelflow.objective import cascade_loss
 
 __all__ = ["PixelFlowLitModule"]
+
+
+def lr_factor(step: int, warmup_steps: int, decay_start: int, total_steps: int) -> float:
+    """Warmup-stable-decay multiplier: linear 0 -> 1 over ``warmup_steps``, 1 until ``decay_start``,
+    then linear to 0 at ``total_steps`` (and 0 after it)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if step < decay_start:
+        return 1.0
+    return max(0.0, (total_steps - step) / max(1, total_steps - decay_start))
 
 
 def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: torch.Tensor, decay: float) -> None:
@@ -39,6 +50,8 @@ class PixelFlowLitModule(L.LightningModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         ema_decay: float | None = 0.9999,
+        lr_warmup_steps: int = 0,
+        lr_decay_fraction: float = 0.0,
         label_dropout: float = 0.1,
         seed: int = 0,
         class_names: list[str] | None = None,
@@ -46,10 +59,13 @@ class PixelFlowLitModule(L.LightningModule):
         super().__init__()
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1) or null (no EMA), got {ema_decay}")
+        if lr_warmup_steps < 0 or not 0.0 <= lr_decay_fraction <= 1.0:
+            raise ValueError(f"need lr_warmup_steps >= 0 and lr_decay_fraction in [0, 1], got {lr_warmup_steps}, {lr_decay_fraction}")
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
         self.model, self.schedule = model, schedule
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
+        self.lr_warmup_steps, self.lr_decay_fraction = lr_warmup_steps, lr_decay_fraction
         self.label_dropout, self.seed, self.class_names = label_dropout, seed, class_names
         self.ema = AveragedModel(model, multi_avg_fn=partial(ema_update, decay=ema_decay)) if ema_decay else None
         if self.ema is not None:
@@ -70,17 +86,34 @@ class PixelFlowLitModule(L.LightningModule):
         loss, per_stage = cascade_loss(self.model, self.schedule, images, labels, self._generator(), self.label_dropout)
         self._micro_batch += 1
         self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.learning_rate(self.global_step))
         for k, value in per_stage.items():
             self.log(f"train/loss_stage{k}", value)
         return loss
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
+    def learning_rate(self, step: int) -> float:
+        """The lr of optimizer step ``step``: a function of the step and ``trainer.max_steps`` alone, so a
+        resumed run needs no scheduler state (resuming with a larger max_steps moves the decay window)."""
+        total = decay_start = sys.maxsize  # no decay
+        if self.lr_decay_fraction:
+            total = self.trainer.max_steps
+            decay_start = round(total * (1 - self.lr_decay_fraction))
+        return self.lr * lr_factor(step, self.lr_warmup_steps, decay_start, total)
+
+    def on_fit_start(self) -> None:
+        if self.lr_decay_fraction and not self.trainer.max_steps > 0:
+            raise ValueError("module.lr_decay_fraction needs a finite trainer.max_steps (the decay ends there)")
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = self.learning_rate(self.global_step)
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         self._micro_batch = 0
         if self.ema is not None:
             self.ema.update_parameters(self.model)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW; its lr is set before every step by :meth:`learning_rate` (constant by default, as in the paper)."""
         return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
