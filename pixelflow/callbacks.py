@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -27,6 +28,7 @@ class SampleGrid(L.Callback):
         self.out_dir, self.every_n_steps, self.per_class = Path(out_dir), every_n_steps, per_class
         self.classes, self.seed, self.upscale = classes, seed, upscale
         self.config = SamplerConfig(method=method, steps=steps, cfg=cfg)
+        self._last_step, self._last_path = -1, None
 
     @rank_zero_only
     def write(self, pl_module: L.LightningModule, name: str) -> Path:
@@ -44,12 +46,14 @@ class SampleGrid(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and step != getattr(self, "_last", -1):
-            self._last = step
-            self.write(pl_module, f"step_{step:07d}")
+        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step, self._last_path = step, self.write(pl_module, f"step_{step:07d}")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.write(pl_module, "final")
+        if self._last_path is not None and self._last_step == trainer.global_step:  # same weights and seed: same grid
+            shutil.copyfile(self._last_path, self.out_dir / "final.png")
+        else:
+            self.write(pl_module, "final")
 
 
 class ExportWeights(L.Callback):

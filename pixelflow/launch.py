@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 __all__ = ["build_training", "run_training", "resume_checkpoint", "check_global_batch"]
+
+# lightning 2.6 still builds torch's deprecated LeafSpec on every batch; nothing a user can act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
 def check_global_batch(global_batch: int | None, micro_batch: int, accumulation: int, world_size: int) -> int:
