@@ -20,8 +20,8 @@ __all__ = ["PixelFlowLitModule"]
 
 
 def lr_factor(step: int, warmup_steps: int, decay_start: int, total_steps: int) -> float:
-    """Warmup-stable-decay multiplier: linear 0 -> 1 over ``warmup_steps``, 1 until ``decay_start``,
-    then linear to 0 at ``total_steps`` (and 0 after it)."""
+    """Warmup-stable-decay multiplier of the lr at 0-based ``step``: (step + 1) / warmup_steps while warming
+    up, 1 until ``decay_start``, then linear to 0 at ``total_steps`` (and 0 after it)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if step < decay_start:
