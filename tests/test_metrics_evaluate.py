@@ -19,6 +19,7 @@ from pixelflow.metrics import fid as M
 from pixelflow.metrics.evaluation import EvalOptions, evaluate
 from pixelflow.metrics.inception import InceptionFeatures, resolve_inception_weights
 from pixelflow.metrics.io import EvaluationInputError, load_image_set, write_adm_npz
+from pixelflow.metrics.mnist_classifier import RECIPE
 from pixelflow.metrics.references import mnist_images
 from tests.metrics_fixtures import independent_fid
 
@@ -71,7 +72,7 @@ def test_cli_mnist_samples_against_named_reference(tmp_path):
     assert protocol["sampler_settings"] == settings
     extractor = protocol["feature_extractor"]
     assert extractor["weights_sha256"] == _sha256(extractor["weights_path"]) and not extractor["has_logits"]
-    assert protocol["classifier"]["weights_sha256"] == _sha256(cache / "mnist-cnn-v1.pt")
+    assert protocol["classifier"]["weights_sha256"] == _sha256(cache / f"{RECIPE}.pt")
 
 
 @pytest.mark.slow
