@@ -16,6 +16,8 @@ __all__ = ["build_training", "run_training", "resume_checkpoint", "check_global_
 
 # lightning 2.6 still builds torch's deprecated LeafSpec on every batch; nothing a user can act on.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+# A run directory with checkpoints is reused on purpose: it is resumed (run_training refuses when resume=false).
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def check_global_batch(global_batch: int | None, micro_batch: int, accumulation: int, world_size: int) -> int:
