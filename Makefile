@@ -7,7 +7,8 @@ setup:
 train: setup            ## train the default model (MNIST 32 px quickstart on CPU)
 	.venv/bin/python train.py $(ARGS)
 
-test: setup             ## the full test suite, slow tests included (what CI runs)
+test:                   ## the full test suite, slow tests included (what CI runs); installs chromium if missing
+	@bash scripts/setup_env.sh --test
 	.venv/bin/python -m ruff check .
 	.venv/bin/python -m pytest $(ARGS)
 

@@ -9,10 +9,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-__all__ = ["build_training", "run_training", "resume_checkpoint", "check_global_batch"]
+__all__ = ["build_training", "run_training", "resume_checkpoint", "check_global_batch", "group_entries"]
 
 # lightning 2.6 still builds torch's deprecated LeafSpec on every batch; nothing a user can act on.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
@@ -47,9 +48,30 @@ def _wandb_id(run_dir: Path) -> str:
     return path.read_text().strip()
 
 
+def group_entries(cfg: DictConfig, group: str) -> dict[str, DictConfig]:
+    """The ``callbacks`` / ``logger`` entries to instantiate, each with a ``_target_``.
+
+    An entry without ``_target_`` is what an experiment's overrides leave behind when the chosen
+    group option does not define that entry: with the option ``none`` they are dropped (with a note);
+    with any other option that is a conflict, reported before any work.
+    """
+    entries = dict((cfg.get(group) or {}).items())
+    orphans = sorted(name for name, conf in entries.items() if not (isinstance(conf, DictConfig) and "_target_" in conf))
+    if not orphans:
+        return entries
+    choice = HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+    names = ", ".join(f"{group}.{name}" for name in orphans)
+    if choice == "none":
+        print(f"[pixelflow] {group}=none: ignoring the settings given for {names}")
+        return {name: conf for name, conf in entries.items() if name not in orphans}
+    raise ValueError(f"{names} has no _target_: something (an experiment or a command-line override) sets options of "
+                     f"{names} but the {group} option {choice!r} does not define it. Use a {group} option that defines "
+                     f"it, {group}=none to drop them all, or remove it with ~{group}.{orphans[0]}.")
+
+
 def _loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
     loggers = []
-    for name, conf in (cfg.get("logger") or {}).items():
+    for name, conf in group_entries(cfg, "logger").items():
         extra = {"id": _wandb_id(run_dir), "resume": "allow"} if name == "wandb" else {}
         loggers.append(instantiate(conf, **extra))
     return loggers
@@ -65,7 +87,7 @@ def build_training(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, L.Lig
     if schedule.image_size != datamodule.image_size:
         raise ValueError(f"cascade.image_size={schedule.image_size} differs from data.image_size={datamodule.image_size}")
     module = instantiate(cfg.module)(model=model, schedule=schedule, class_names=datamodule.class_names)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    callbacks = [instantiate(c) for c in group_entries(cfg, "callbacks").values()]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_loggers(cfg, run_dir) or False)
     check_global_batch(cfg.get("global_batch_size"), datamodule.batch_size, trainer.accumulate_grad_batches,
                        trainer.world_size)

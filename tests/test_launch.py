@@ -1,10 +1,13 @@
-"""The global batch invariant of the scale recipes, checked at start-up, and their config composition."""
+"""Start-up checks (global batch invariant, group/experiment conflicts) and config composition of the recipes."""
 
+import itertools
+
+import lightning as L
 import pytest
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 
-from pixelflow.launch import build_training, check_global_batch
-from tests.hydra_utils import compose_config
+from pixelflow.launch import build_training, check_global_batch, group_entries
+from tests.hydra_utils import CONF, compose_config
 from tests.imagefolder import make_image_folder
 
 
@@ -51,3 +54,39 @@ def test_data_variants_and_fsdp_compose_with_the_recipes(data, target):
     assert cfg.data._target_.endswith(target) and cfg.data.batch_size * cfg.trainer.accumulate_grad_batches == 256
     strategy = instantiate(cfg.trainer.strategy)
     assert type(strategy).__name__ == "FSDPStrategy" and strategy.kwargs["use_orig_params"] is True
+
+
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+OPTIONS = {group: sorted(p.stem for p in (CONF / group).glob("*.yaml")) for group in ("callbacks", "logger", "trainer")}
+
+
+@pytest.mark.slow  # 18 compositions each, ~3 s
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("callbacks", OPTIONS["callbacks"])
+def test_every_experiment_composes_with_every_callbacks_logger_trainer_choice(experiment, callbacks, tmp_path):
+    for logger, trainer in itertools.product(OPTIONS["logger"], OPTIONS["trainer"]):
+        cfg = compose_train(f"experiment={experiment}", f"callbacks={callbacks}", f"logger={logger}",
+                            f"trainer={trainer}", f"paths.root_dir={tmp_path}")
+        assert get_class(cfg.trainer._target_) is L.Trainer
+        for name, conf in group_entries(cfg, "logger").items():
+            assert isinstance(get_class(conf._target_), type), name
+        built = [instantiate(conf) for conf in group_entries(cfg, "callbacks").values()]
+        assert all(isinstance(c, L.Callback) for c in built)
+        assert len(built) == (0 if callbacks == "none" else len(cfg.callbacks))
+
+
+def test_quickstart_without_callbacks_builds_a_trainer_without_them(tmp_path, capsys):
+    cfg = compose_train("experiment=mnist_quickstart", "callbacks=none", "logger=none", "model=test",
+                        f"paths.root_dir={tmp_path}")
+    trainer, _, _ = build_training(cfg)
+    assert not [c for c in trainer.callbacks if type(c).__module__.startswith("pixelflow")]
+    assert "callbacks=none: ignoring the settings given for callbacks.checkpoint, callbacks.sample_grid" in capsys.readouterr().out
+
+
+def test_settings_for_a_callback_the_option_does_not_define_fail_at_start_up_naming_it(tmp_path):
+    cfg = compose_train("+callbacks.sampel_grid.steps=3", f"paths.root_dir={tmp_path}")
+    with pytest.raises(ValueError, match=r"callbacks\.sampel_grid has no _target_: .* the callbacks option 'default' "
+                                         r"does not define it.*~callbacks\.sampel_grid"):
+        build_training(cfg)
+    with pytest.raises(ValueError, match=r"logger\.wandb has no _target_"):
+        group_entries(compose_train("+logger.wandb.offline=true", f"paths.root_dir={tmp_path}"), "logger")
