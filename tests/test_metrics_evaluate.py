@@ -16,9 +16,9 @@ from PIL import Image
 
 from pixelflow.data.mnist import default_mnist_path
 from pixelflow.metrics import fid as M
-from pixelflow.metrics.evaluation import EvalOptions, evaluate
+from pixelflow.metrics.evaluation import EvalOptions, _extract, evaluate
 from pixelflow.metrics.inception import InceptionFeatures, resolve_inception_weights
-from pixelflow.metrics.io import EvaluationInputError, load_image_set, write_adm_npz
+from pixelflow.metrics.io import EvaluationInputError, image_set_from_array, load_image_set, write_adm_npz
 from pixelflow.metrics.mnist_classifier import RECIPE
 from pixelflow.metrics.references import mnist_images
 from tests.metrics_fixtures import independent_fid
@@ -134,3 +134,23 @@ def test_reproduce_script_stops_offline_with_instructions(tmp_path):
                    str(tmp_path / "ref.npz"), "guided-diffusion", "DOWNLOAD=1"):
         assert needle in proc.stderr, needle
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "ref.npz").exists()
+
+
+def test_default_evaluation_uses_500_mnist_reference_images(tmp_path, monkeypatch):
+    entry = _load_entrypoint()
+    seen = []
+    monkeypatch.setattr(entry, "evaluate", lambda samples, ref, opts: seen.append(opts.num_ref))
+    monkeypatch.setattr(entry, "write_metrics", lambda result, out: out)
+    monkeypatch.setattr(entry, "format_table", lambda result: "")
+    write_adm_npz(tmp_path / "samples.npz", mnist_images("test")[0][:4])
+    for num_ref in ("auto", None, 12):
+        entry.run(_cfg(samples=str(tmp_path / "samples.npz"), ref="mnist_test", num_ref=num_ref))
+    assert seen == [500, None, 12]
+
+
+def test_feature_extraction_shows_a_progress_bar_with_rate_and_eta(capsys):
+    images = image_set_from_array(mnist_images("test")[0][:30], "first 30 test digits", "sha")
+    result, seconds = _extract(lambda batches: sum(len(b) for b in batches), images, 30, 10, "Inception features (reference)")
+    err = capsys.readouterr().err
+    assert result == 30 and seconds >= 0
+    assert "Inception features (reference)" in err and "30/30" in err and "img/s" in err and "<00:00" in err

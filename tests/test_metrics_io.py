@@ -9,7 +9,7 @@ from PIL import Image
 
 from pixelflow.data.mnist import MNIST
 from pixelflow.metrics.io import STATS_KEYS, EvaluationInputError, load_image_set, write_adm_npz
-from pixelflow.metrics.references import NAMED_REFERENCES, mnist_images, resolve_reference
+from pixelflow.metrics.references import MNIST_DEFAULT_NUM_REF, NAMED_REFERENCES, default_num_ref, mnist_images, resolve_reference
 from pixelflow.samplers import to_uint8
 
 
@@ -128,3 +128,9 @@ def test_unknown_named_reference_lists_known_ones():
     with pytest.raises(EvaluationInputError) as err:
         resolve_reference("mnist_tset")
     assert all(name in str(err.value) for name in NAMED_REFERENCES)
+
+
+def test_default_reference_size_is_500_for_named_mnist_and_all_for_paths():
+    assert default_num_ref("mnist_test", "auto") == MNIST_DEFAULT_NUM_REF == 500
+    assert default_num_ref("/data/ref.npz", "auto") is None
+    assert default_num_ref("mnist_test", None) is None and default_num_ref("mnist_test", 12) == 12

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from pixelflow.metrics import fid as M
 from pixelflow.metrics.inception import EXTRACTOR_NAME, SPATIAL_CHANNELS, InceptionFeatures, default_cache_dir, resolve_inception_weights
@@ -63,18 +64,16 @@ def _count(images: ImageSet, limit: int | None, what: str) -> int:
 
 
 def _extract(fn: Callable[[Iterable[np.ndarray]], Any], images: ImageSet, n: int, batch_size: int, what: str) -> tuple[Any, float]:
-    """Run ``fn`` over the first ``n`` images, logging progress; returns (result, seconds)."""
-    start, done, step = time.perf_counter(), 0, max(1, n // 10)
+    """Run ``fn`` over the first ``n`` images behind a progress bar (images/s, ETA); returns (result, seconds)."""
+    start = time.perf_counter()
+    with tqdm(total=n, desc=what, unit="img", dynamic_ncols=True) as bar:
+        def batches() -> Iterable[np.ndarray]:
+            for batch in images.batches(batch_size, n):
+                yield batch
+                bar.update(len(batch))
 
-    def batches() -> Iterable[np.ndarray]:
-        nonlocal done
-        for batch in images.batches(batch_size, n):
-            yield batch
-            done += len(batch)
-            if done % step < len(batch) or done == n:
-                log.info("%s: %d/%d images (%.1f s)", what, done, n, time.perf_counter() - start)
-
-    result = fn(batches())
+        result = fn(batches())
+    log.info("%s: %d images in %.1f s", what, n, time.perf_counter() - start)
     return result, time.perf_counter() - start
 
 
