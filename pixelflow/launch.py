@@ -11,7 +11,10 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig
+
+from pixelflow.console import StepProgressBar, silence_lightning_tips
 
 __all__ = ["build_training", "run_training", "resume_checkpoint", "check_global_batch", "group_entries"]
 
@@ -19,6 +22,7 @@ __all__ = ["build_training", "run_training", "resume_checkpoint", "check_global_
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 # A run directory with checkpoints is reused on purpose: it is resumed (run_training refuses when resume=false).
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+silence_lightning_tips()
 
 
 def check_global_batch(global_batch: int | None, micro_batch: int, accumulation: int, world_size: int) -> int:
@@ -88,6 +92,8 @@ def build_training(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, L.Lig
         raise ValueError(f"cascade.image_size={schedule.image_size} differs from data.image_size={datamodule.image_size}")
     module = instantiate(cfg.module)(model=model, schedule=schedule, class_names=datamodule.class_names)
     callbacks = [instantiate(c) for c in group_entries(cfg, "callbacks").values()]
+    if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(StepProgressBar())
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_loggers(cfg, run_dir) or False)
     check_global_batch(cfg.get("global_batch_size"), datamodule.batch_size, trainer.accumulate_grad_batches,
                        trainer.world_size)
