@@ -79,7 +79,7 @@ def test_quickstart_without_callbacks_builds_a_trainer_without_them(tmp_path, ca
     cfg = compose_train("experiment=mnist_quickstart", "callbacks=none", "logger=none", "model=test",
                         f"paths.root_dir={tmp_path}")
     trainer, _, _ = build_training(cfg)
-    assert not [c for c in trainer.callbacks if type(c).__module__.startswith("pixelflow")]
+    assert not [c for c in trainer.callbacks if type(c).__module__.startswith("pixelflow.callbacks")]
     assert "callbacks=none: ignoring the settings given for callbacks.checkpoint, callbacks.sample_grid" in capsys.readouterr().out
 
 
