@@ -1,8 +1,10 @@
 """Loading and exporting model weights: the released ``model.pt`` + ``config.yaml``, or a project ``.ckpt``.
 
 One entry point, :func:`load_pixelflow`, returns the network, its cascade schedule and class
-names. Every failure names the file, what is wrong and how to fix it. Files are always
-read with ``torch.load(weights_only=True)``.
+names. Weights are a ``model.pt`` or ``model.safetensors`` (exports write both) with ``config.yaml``
+beside it, a project ``.ckpt``, or ``hf://owner/name[@revision]``: a Hugging Face repository read from
+huggingface_hub's cache, downloading only when asked to. Every failure names the file, what is wrong
+and how to fix it. PyTorch files are always read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -11,17 +13,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 
 from pixelflow.cascade import CascadeSchedule
 from pixelflow.model import PixelFlowTransformer
 
-__all__ = ["LoadedModel", "CheckpointError", "load_pixelflow", "export_released_format", "model_kwargs"]
+__all__ = ["LoadedModel", "CheckpointError", "load_pixelflow", "export_released_format", "model_kwargs",
+           "resolve_hub_weights", "HUB_PREFIX", "RELEASED_HUB"]
 
 _MODEL_KEYS = ("num_attention_heads", "attention_head_dim", "depth", "num_classes", "patch_size",
                "in_channels", "out_channels", "attention_bias")
 RELEASED_URL = "https://huggingface.co/ShoufaChen/PixelFlow-Class2Image"
+HUB_PREFIX = "hf://"
+RELEASED_HUB = "hf://ShoufaChen/PixelFlow-Class2Image"
+WEIGHT_FILES = ("model.safetensors", "model.pt")  # in order of preference
 
 
 class CheckpointError(RuntimeError):
@@ -48,9 +59,52 @@ def model_kwargs(model: PixelFlowTransformer) -> dict[str, Any]:
 
 def _require_file(path: Path) -> None:
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist. For the released ImageNet model download "
-                              f"model.pt and config.yaml from {RELEASED_URL}; for your own, pass a run's .ckpt "
-                              "(runs/<name>/checkpoints/last.ckpt) or its export (runs/<name>/export/model.pt)")
+        raise CheckpointError(f"checkpoint {path} does not exist. For the released ImageNet model pass ckpt={RELEASED_HUB} "
+                              f"(add allow_download=true the first time) or download model.pt and config.yaml from "
+                              f"{RELEASED_URL}; for your own, pass a run's .ckpt (runs/<name>/checkpoints/last.ckpt) or its "
+                              "export (runs/<name>/export/model.pt or model.safetensors)")
+
+
+def resolve_hub_weights(spec: str, allow_download: bool = False) -> Path:
+    """``hf://owner/name[@revision]`` -> its cached weights file (``config.yaml`` lies beside it).
+
+    Reads huggingface_hub's cache (``HF_HUB_CACHE``) only, unless ``allow_download``.
+    """
+    repo_id, _, revision = spec.removeprefix(HUB_PREFIX).partition("@")
+    if repo_id.count("/") != 1:
+        raise CheckpointError(f"{spec!r}: expected {HUB_PREFIX}owner/name or {HUB_PREFIX}owner/name@revision, e.g. {RELEASED_HUB}")
+    fetch = dict(repo_id=repo_id, revision=revision or None, local_files_only=not allow_download)
+    try:
+        for name in WEIGHT_FILES:
+            try:
+                weights = Path(hf_hub_download(filename=name, **fetch))
+                break
+            except EntryNotFoundError:
+                continue
+        else:
+            raise EntryNotFoundError(f"none of {WEIGHT_FILES}")
+        hf_hub_download(filename="config.yaml", **fetch)
+    except Exception as err:  # huggingface_hub raises many types: not cached, offline, no such repo / revision / file
+        how = ("" if allow_download else
+               f"Downloads are off by default: pass allow_download=true, or fetch the files once with "
+               f"`hf download {repo_id} model.pt config.yaml`. ")
+        raise CheckpointError(f"{spec}: model.safetensors or model.pt, and config.yaml, of {repo_id}"
+                              f"{'@' + revision if revision else ''} are not in the Hugging Face cache "
+                              f"{hf_constants.HF_HUB_CACHE} ({type(err).__name__}: {str(err)[:200]}). {how}"
+                              "Set HF_HUB_CACHE if the cache lives elsewhere.") from err
+    return weights
+
+
+def _read_weights(path: Path) -> Any:
+    """A flat state_dict from ``.safetensors``, anything else through ``torch.load(weights_only=True)``."""
+    if path.suffix != ".safetensors":
+        return _torch_load(path)
+    _require_file(path)
+    try:
+        return safetensors.torch.load_file(path, device="cpu")
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"checkpoint {path} ({path.stat().st_size} bytes) could not be read: it is truncated, corrupt "
+                              f"or not a safetensors file ({type(err).__name__}: {str(err)[:200]}). Re-download or re-export it.") from err
 
 
 def _torch_load(path: Path) -> Any:
@@ -102,7 +156,7 @@ def _load_released(path: Path, config_path: Path | None) -> LoadedModel:
         num_stages=int(sched.get("num_stages", 4)),
         num_train_timesteps=int(sched.get("num_train_timesteps", 1000)),
     )
-    state = _torch_load(path)
+    state = _read_weights(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} is not a flat state_dict of tensors")
     names = cfg.get("class_names")
@@ -121,11 +175,14 @@ def _load_project(path: Path) -> LoadedModel:
     return LoadedModel(_build_and_load(state, meta["model"], path), schedule, meta.get("class_names"), str(path))
 
 
-def load_pixelflow(path: str | Path, config: str | Path | None = None) -> LoadedModel:
-    """Load a released ``model.pt`` (+ ``config.yaml`` beside it or ``config``) or a project ``.ckpt``.
+def load_pixelflow(path: str | Path, config: str | Path | None = None, allow_download: bool = False) -> LoadedModel:
+    """Load a ``model.pt`` / ``model.safetensors`` (+ ``config.yaml`` beside it or ``config``), a project ``.ckpt``,
+    or ``hf://owner/name[@revision]`` from the Hugging Face cache (downloading it only if ``allow_download``).
 
     Project checkpoints yield their EMA weights when they have them.
     """
+    if str(path).startswith(HUB_PREFIX):
+        return _load_released(resolve_hub_weights(str(path), allow_download), Path(config).expanduser() if config else None)
     path = Path(path).expanduser()
     if path.suffix == ".ckpt":
         return _load_project(path)
@@ -134,11 +191,12 @@ def load_pixelflow(path: str | Path, config: str | Path | None = None) -> Loaded
 
 def export_released_format(model: PixelFlowTransformer, schedule: CascadeSchedule, out_dir: str | Path,
                            class_names: list[str] | None = None) -> Path:
-    """Write ``model.pt`` (flat fp32 state_dict) and ``config.yaml`` in the released layout."""
+    """Write ``model.pt`` and ``model.safetensors`` (the same flat fp32 state_dict) and ``config.yaml``, released layout."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     torch.save(state, out / "model.pt")
+    safetensors.torch.save_file(state, out / "model.safetensors")
     cfg = {"model": {"target": "pixelflow.model.PixelFlowTransformer", "params": model_kwargs(model)},
            "scheduler": {"num_train_timesteps": schedule.num_train_timesteps, "num_stages": schedule.num_stages},
            "data": {"resolution": schedule.image_size}}

@@ -19,7 +19,7 @@ from typing import Any
 
 import gradio as gr
 
-from pixelflow.checkpoint import CheckpointError
+from pixelflow.checkpoint import HUB_PREFIX, CheckpointError
 from pixelflow.demo import FIELDS, RANGES, DemoInputError, DemoModel, checkpoint_help, resolve_path, upscale_nearest, write_zip
 
 __all__ = ["build_demo", "launch"]
@@ -120,18 +120,19 @@ def _controls(dm: DemoModel, init: Mapping[str, Any]) -> list[gr.components.Comp
 def build_demo(cfg: Mapping[str, Any]) -> gr.Blocks:
     """The page for ``cfg``; if the checkpoint is missing or unreadable, a page that says how to get one."""
     display_size = _positive_int(cfg, "display_size")
-    path = resolve_path(cfg["ckpt"])
-    if path.is_dir():  # an export folder: its model.pt (config.yaml beside it)
-        path = path / "model.pt"
+    hub = str(cfg["ckpt"]).startswith(HUB_PREFIX)  # hf://owner/name: huggingface_hub's cache resolves it
+    path = Path(cfg["ckpt"]) if hub else resolve_path(cfg["ckpt"])
+    if path.is_dir():  # an export folder: its model.pt or model.safetensors (config.yaml beside it)
+        path = next((path / n for n in ("model.pt", "model.safetensors") if (path / n).is_file()), path / "model.pt")
     dm, problem = None, None
-    if not path.exists():
+    if not hub and not path.exists():
         problem = checkpoint_help(path)
     else:
         try:
-            dm = DemoModel.load(path, resolve_path(cfg["config"]) if cfg.get("config") else None, cfg["device"],
-                                _positive_int(cfg, "max_images"))
+            dm = DemoModel.load(str(cfg["ckpt"]) if hub else path, resolve_path(cfg["config"]) if cfg.get("config") else None,
+                                cfg["device"], _positive_int(cfg, "max_images"), bool(cfg.get("allow_download", False)))
         except CheckpointError as err:
-            problem = checkpoint_help(path, str(err))
+            problem = checkpoint_help(cfg["ckpt"] if hub else path, str(err))
     if dm is None:
         log.warning("no usable checkpoint; the page explains how to get one:\n%s", problem)
     else:

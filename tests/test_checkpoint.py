@@ -1,8 +1,11 @@
+import shutil
+
 import pytest
 import torch
+from huggingface_hub import constants as hf_constants
 
 from pixelflow.cascade import CascadeSchedule
-from pixelflow.checkpoint import CheckpointError, export_released_format, load_pixelflow
+from pixelflow.checkpoint import RELEASED_HUB, CheckpointError, export_released_format, load_pixelflow
 from pixelflow.model import build_model
 
 
@@ -76,3 +79,56 @@ def test_lightning_checkpoint_without_pixelflow_section(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "x.ckpt")
     with pytest.raises(CheckpointError, match="not a pixelflow training checkpoint"):
         load_pixelflow(tmp_path / "x.ckpt")
+
+
+def test_export_writes_safetensors_beside_model_pt_and_both_load(exported, tiny_model):
+    from_pt, from_st = load_pixelflow(exported / "model.pt"), load_pixelflow(exported / "model.safetensors")
+    assert from_st.schedule == from_pt.schedule and from_st.class_names == ["a"] * 10
+    for (k, a), (k2, b) in zip(tiny_model.state_dict().items(), from_st.model.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+
+
+def test_truncated_safetensors_file(exported):
+    data = (exported / "model.safetensors").read_bytes()
+    (exported / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated, corrupt or not a safetensors file"):
+        load_pixelflow(exported / "model.safetensors")
+
+
+REV = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _hub_cache(tmp_path, exported, monkeypatch, weights="model.pt"):
+    """A huggingface_hub cache (HF_HUB_CACHE layout) holding owner/pixelflow-test at REV, refs/main -> REV."""
+    repo = tmp_path / "hub" / "models--owner--pixelflow-test"
+    snapshot = repo / "snapshots" / REV
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(REV)
+    for name in (weights, "config.yaml"):
+        shutil.copyfile(exported / name, snapshot / name)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return snapshot
+
+
+@pytest.mark.parametrize("weights", ["model.pt", "model.safetensors"])
+@pytest.mark.parametrize("suffix", ["", f"@{REV}"])
+def test_hub_spec_resolves_from_the_local_cache(tmp_path, exported, tiny_model, monkeypatch, weights, suffix):
+    snapshot = _hub_cache(tmp_path, exported, monkeypatch, weights)
+    loaded = load_pixelflow(f"hf://owner/pixelflow-test{suffix}")
+    assert loaded.source == str(snapshot / weights) and loaded.class_names == ["a"] * 10
+    for a, b in zip(tiny_model.state_dict().values(), loaded.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_hub_spec_not_in_cache_says_how_to_get_it_and_never_downloads(tmp_path, exported, monkeypatch):
+    _hub_cache(tmp_path, exported, monkeypatch)
+    with pytest.raises(CheckpointError, match=r"(?s)hf://ShoufaChen/PixelFlow-Class2Image: .* not in the Hugging Face cache "
+                                              r".*allow_download=true.*`hf download ShoufaChen/PixelFlow-Class2Image model.pt "
+                                              r"config.yaml`.*HF_HUB_CACHE"):
+        load_pixelflow(RELEASED_HUB)
+    (tmp_path / "hub" / "models--owner--pixelflow-test" / "snapshots" / REV / "config.yaml").unlink()
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
+        load_pixelflow("hf://owner/pixelflow-test")
+    with pytest.raises(CheckpointError, match="expected hf://owner/name"):
+        load_pixelflow("hf://pixelflow-test")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -291,3 +292,20 @@ def test_entrypoint_serves_the_given_checkpoint_on_the_given_port(tiny_ckpt, tmp
         proc.terminate()
         proc.wait(timeout=20)
     assert not (tmp_path / "outputs").exists() and not (tmp_path / ".hydra").exists()
+
+
+def test_demo_page_loads_a_hub_spec_from_the_local_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants as hf_constants
+
+    exported = make_tiny_checkpoint(tmp_path / "ckpt").parent
+    snapshot = tmp_path / "hub" / "models--owner--tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    for name in ("model.safetensors", "config.yaml"):
+        shutil.copyfile(exported / name, snapshot / name)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded = DemoModel.load("hf://owner/tiny", device="cpu")
+    assert loaded.source == str(snapshot / "model.safetensors")
+    with pytest.raises(CheckpointError, match="allow_download=true"):
+        DemoModel.load("hf://owner/absent", device="cpu")
