@@ -22,7 +22,10 @@ from pixelflow.samplers import CascadeNoise, CascadeSampler, SamplerConfig, eule
 
 # Max abs error allowed per group; the *_calls groups count model evaluations per stage
 # (Dopri5 may differ by one attempted step, 6 evaluations, as the golden README allows).
-TOLERANCES = {"forward": 1e-5, "scheduler": 1e-6, "targets": 1e-6, "euler": 1e-4, "dopri5": 1e-2,
+# forward / euler / dopri5: about 10x the largest error measured on the public golden set (CPU, torch 2.14:
+# forward 7.0e-7, Euler 7.7e-7, Dopri5 1.5e-4); the golden README expects Dopri5 to move by up to a few 1e-3
+# under ulp-level changes (other kernels / hardware): a FAIL near the Dopri5 bound there is worth a look, not a bug.
+TOLERANCES = {"forward": 5e-6, "scheduler": 1e-6, "targets": 1e-6, "euler": 1e-5, "dopri5": 2e-3,
               "euler_calls": 0, "dopri5_calls": 6}
 
 
