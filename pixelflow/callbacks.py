@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from pixelflow.checkpoint import export_released_format
+from pixelflow.checkpoint import ema_export_name, export_released_format
 from pixelflow.images import save_grid
 from pixelflow.samplers import CascadeSampler, SamplerConfig, to_uint8
 
@@ -57,12 +57,19 @@ class SampleGrid(L.Callback):
 
 
 class ExportWeights(L.Callback):
-    """At the end of training, write the EMA weights as ``model.pt`` + ``config.yaml`` (released layout)."""
+    """At the end of training, write the first EMA's weights as ``model.pt`` + ``config.yaml`` (released layout),
+    and every further EMA rate beside it as ``model_ema<rate>.pt``."""
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        path = export_released_format(pl_module.sampling_model, pl_module.schedule, self.out_dir, pl_module.class_names)
+        decays = pl_module.ema_decays
+        path = export_released_format(pl_module.sampling_model, pl_module.schedule, self.out_dir, pl_module.class_names,
+                                      ema_decays=decays)
         print(f"[pixelflow] exported EMA weights: {path}")
+        for decay in decays[1:]:
+            path = export_released_format(pl_module.ema_model(decay), pl_module.schedule, self.out_dir, pl_module.class_names,
+                                          ema_export_name(decay), decays)
+            print(f"[pixelflow] exported EMA {decay} weights: {path}")

@@ -43,7 +43,7 @@ def test_quickstart_is_the_default_and_paper_recipe_matches_spec(tmp_path):
     assert default.run_name == "mnist_quickstart" and default.model.name == "Tiny/4"
     paper = compose_config("train", ["experiment=imagenet256_xl4", f"paths.root_dir={tmp_path}"])
     assert paper.model.name == "XL/4" and paper.module.lr == 1e-4 and paper.module.weight_decay == 0
-    assert paper.module.ema_decay == 0.9999 and paper.trainer.gradient_clip_val == 1.0
+    assert list(paper.module.ema_decays) == [0.9999] and paper.trainer.gradient_clip_val == 1.0
     assert paper.module.lr_warmup_steps == 0 and paper.module.lr_decay_fraction == 0  # constant lr
     assert paper.trainer.precision == "bf16-mixed" and paper.global_batch_size == 256
 

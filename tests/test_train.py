@@ -1,9 +1,11 @@
 import pytest
 import torch
 
-from pixelflow.checkpoint import load_pixelflow
+from pixelflow.checkpoint import CheckpointError, load_pixelflow
 from pixelflow.launch import build_training, check_global_batch, run_training
 from tests.hydra_utils import compose_config, tiny_train_overrides
+
+TWO_EMAS = "module.ema_decays=[0.9,0.5]"
 
 
 def _state(path):
@@ -34,18 +36,51 @@ def test_training_writes_checkpoints_grid_and_export(tmp_path):
     assert exported.class_names == [str(i) for i in range(10)] and exported.schedule.image_size == 32
 
 
+def test_two_ema_rates_are_exported_and_selectable(tmp_path):
+    run_dir = tmp_path / "run"
+    run_training(compose_config("train", tiny_train_overrides(run_dir, 2, [TWO_EMAS])))
+    export = run_dir / "export"
+    assert sorted(p.name for p in export.glob("*.pt")) == ["model.pt", "model_ema0.5.pt"]
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    first, second = load_pixelflow(export / "model.pt"), load_pixelflow(export / "model.pt", ema=0.5)
+    assert load_pixelflow(export / "model.pt", ema=0.9).source == str(export / "model.pt")  # the first rate is model.pt
+    assert second.source == str(export / "model_ema0.5.pt")
+    for name, weight in first.model.state_dict().items():
+        assert torch.equal(weight, load_pixelflow(ckpt).model.state_dict()[name])
+        assert torch.equal(second.model.state_dict()[name], load_pixelflow(ckpt, ema=0.5).model.state_dict()[name])
+    key = "patch_embed.proj.weight"
+    assert not torch.equal(first.model.state_dict()[key], second.model.state_dict()[key])
+    for path in (export / "model.pt", ckpt):
+        with pytest.raises(CheckpointError, match="0.7"):
+            load_pixelflow(path, ema=0.7)
+
+
+def test_legacy_single_ema_checkpoint_still_loads(tmp_path):
+    """A checkpoint from before several EMAs (keys ``ema.module.*``) loads its EMA and resumes."""
+    run_dir = tmp_path / "run"
+    run_training(compose_config("train", tiny_train_overrides(run_dir, 2)))
+    path = run_dir / "checkpoints" / "last.ckpt"
+    state, ckpt = _state(path)
+    ckpt["state_dict"] = {k.replace("emas.0.", "ema.", 1): v for k, v in state.items()}
+    del ckpt["pixelflow"]["ema_decays"]
+    torch.save(ckpt, path)
+    assert torch.equal(load_pixelflow(path).model.state_dict()["patch_embed.proj.weight"], state["emas.0.module.patch_embed.proj.weight"])
+    run_training(compose_config("train", tiny_train_overrides(run_dir, 4)))
+    assert _state(path)[1]["global_step"] == 4
+
+
 def test_resume_is_exact(tmp_path):
-    """N steps straight == N/2 steps, stop, automatic resume to N: same parameters, EMA and optimizer."""
+    """N steps straight == N/2 steps, stop, automatic resume to N: same parameters, both EMAs and optimizer."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_training(compose_config("train", tiny_train_overrides(straight, 6)))
-    half = tiny_train_overrides(resumed, 6, ["trainer.max_steps=3", "callbacks.checkpoint.every_n_train_steps=3"])
+    run_training(compose_config("train", tiny_train_overrides(straight, 6, [TWO_EMAS])))
+    half = tiny_train_overrides(resumed, 6, [TWO_EMAS, "trainer.max_steps=3", "callbacks.checkpoint.every_n_train_steps=3"])
     run_training(compose_config("train", half))
     assert _state(resumed / "checkpoints" / "last.ckpt")[1]["global_step"] == 3
-    run_training(compose_config("train", tiny_train_overrides(resumed, 6)))  # finds last.ckpt itself
+    run_training(compose_config("train", tiny_train_overrides(resumed, 6, [TWO_EMAS])))  # finds last.ckpt itself
     a, ckpt_a = _state(straight / "checkpoints" / "last.ckpt")
     b, ckpt_b = _state(resumed / "checkpoints" / "last.ckpt")
     assert ckpt_a["global_step"] == ckpt_b["global_step"] == 6
-    assert a.keys() == b.keys() and any(k.startswith("ema.module.") for k in a)
+    assert a.keys() == b.keys() and {k.split(".")[1] for k in a if k.startswith("emas.")} == {"0", "1"}
     for key in a:
         assert torch.equal(a[key], b[key]), key
     opt_a, opt_b = ckpt_a["optimizer_states"][0]["state"], ckpt_b["optimizer_states"][0]["state"]
