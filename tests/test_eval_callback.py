@@ -25,23 +25,22 @@ class KillAt(L.Callback):
             raise Killed(f"killed at step {self.step}")
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("pixelflow-cache")  # the classifier is trained once into it (~35 s on 2 cores)
-
-
-def _overrides(run_dir, steps, cache, extra=()):
-    base = [o for o in tiny_train_overrides(run_dir, steps) if o != "~callbacks/evaluate"]
-    return base + [
+def evaluation_overrides(cache, extra=()):
+    """Evaluation at the end with the quickstart's settings, cut to 20 one-step samples."""
+    return [
         "callbacks/evaluate=mnist_classifier", "callbacks.evaluate.num_samples=20", "callbacks.evaluate.batch_size=10",
         "callbacks.evaluate.sampler.steps=1", f"callbacks.evaluate.cache_dir={cache}", "callbacks.evaluate.num_ref=200", *extra]
 
 
+def _overrides(run_dir, steps, cache, extra=()):
+    return [o for o in tiny_train_overrides(run_dir, steps) if o != "~callbacks/evaluate"] + evaluation_overrides(cache, extra)
+
+
 @pytest.mark.slow
-def test_final_evaluation_of_two_emas_goes_to_metrics_jsonl_and_the_logger(tmp_path, cache):
+def test_final_evaluation_of_two_emas_goes_to_metrics_jsonl_and_the_logger(tmp_path, eval_cache):
     run_dir = tmp_path / "run"
     extra = ["module.ema_decays=[0.9,0.5]", "callbacks.evaluate.ema=[0.9,0.5]", "logger=csv"]
-    run_training(compose_config("train", [o for o in _overrides(run_dir, 2, cache, extra) if o != "logger=none"]))
+    run_training(compose_config("train", [o for o in _overrides(run_dir, 2, eval_cache, extra) if o != "logger=none"]))
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [(r["step"], r["ema_decay"]) for r in records] == [(2, 0.9), (2, 0.5)]
     for r in records:
@@ -54,22 +53,22 @@ def test_final_evaluation_of_two_emas_goes_to_metrics_jsonl_and_the_logger(tmp_p
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_run_has_each_evaluation_exactly_once(tmp_path, cache):
+def test_killed_and_resumed_run_has_each_evaluation_exactly_once(tmp_path, eval_cache):
     """Evaluations at 3 and 6, checkpoints at 2 and 4; killed after step 4, before its checkpoint, so the
     step-3 evaluation was written after the checkpoint the run resumes from (step 2)."""
     every = ["callbacks.evaluate.every_n_steps=3", "callbacks.checkpoint.every_n_train_steps=2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_training(compose_config("train", _overrides(straight, 6, cache, every)))
+    run_training(compose_config("train", _overrides(straight, 6, eval_cache, every)))
     kill = ["+callbacks.kill._target_=tests.test_eval_callback.KillAt", "+callbacks.kill.step=4"]
     with pytest.raises(Killed):
-        run_training(compose_config("train", _overrides(resumed, 6, cache, every + kill)))
+        run_training(compose_config("train", _overrides(resumed, 6, eval_cache, every + kill)))
     assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == [3]
-    run_training(compose_config("train", _overrides(resumed, 6, cache, every)))  # resumes from step 2
+    run_training(compose_config("train", _overrides(resumed, 6, eval_cache, every)))  # resumes from step 2
     got, want = read_metrics(resumed / "metrics.jsonl"), read_metrics(straight / "metrics.jsonl")
     assert [r["step"] for r in got] == [r["step"] for r in want] == [3, 6]  # the end evaluation at 6 is not repeated
     for a, b in zip(got, want):
         assert a["metrics"] == pytest.approx(b["metrics"], rel=1e-6)  # exact resume, fixed seeds: the same numbers
-    run_training(compose_config("train", _overrides(resumed, 6, cache, every)))  # a finished run started again adds nothing
+    run_training(compose_config("train", _overrides(resumed, 6, eval_cache, every)))  # a finished run started again adds nothing
     assert [r["step"] for r in read_metrics(resumed / "metrics.jsonl")] == [3, 6]
 
 

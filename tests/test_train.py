@@ -1,11 +1,23 @@
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from pixelflow.checkpoint import CheckpointError, load_pixelflow
+from pixelflow.eval_callback import read_metrics
 from pixelflow.launch import build_training, check_global_batch, run_training
 from tests.hydra_utils import compose_config, tiny_train_overrides
 
+ROOT = Path(__file__).resolve().parents[1]
 TWO_EMAS = "module.ema_decays=[0.9,0.5]"
+_spec = importlib.util.spec_from_file_location("compare_runs", ROOT / "scripts" / "compare_runs.py")
+compare_runs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(compare_runs)
 
 
 def _state(path):
@@ -132,3 +144,47 @@ def test_wandb_logger_runs_offline_and_keeps_its_run_id_on_resume(tmp_path, monk
     assert (run_dir / "wandb_id.txt").read_text() == run_id
     launches = list((run_dir / "wandb").glob("offline-run-*"))
     assert launches and all(p.name.endswith(run_id) for p in launches)
+
+
+TINY_EXPERIMENT = """# @package _global_
+defaults:
+  - mnist_quickstart
+  - override /model: test
+  - override /logger: none
+data: {batch_size: 8}
+trainer: {enable_progress_bar: false}
+callbacks:
+  checkpoint: {every_n_train_steps: 2}
+  sample_grid: {every_n_steps: 0, per_class: 1, steps: 1}
+  evaluate: {every_n_steps: 2, num_samples: 20, batch_size: 10, sampler: {steps: 1}, num_ref: 200}
+"""
+
+
+def _multirun(tmp_path, steps, cache):
+    """Fixed settings in an experiment config, the swept ones on the command line (keeps job directory names short)."""
+    (tmp_path / "conf" / "experiment").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "conf" / "experiment" / "tiny_eval.yaml").write_text(TINY_EXPERIMENT)
+    overrides = [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=tiny_eval", f"paths.runs_dir={tmp_path / 'runs'}",
+                 f"trainer.max_steps={steps}", "module.lr=1e-3,3e-3"]
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *overrides], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PIXELFLOW_CACHE_DIR": str(cache)}, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_multirun_trains_each_job_in_its_own_run_directory_and_resumes_each(tmp_path, eval_cache):
+    _multirun(tmp_path, 2, eval_cache)
+    jobs = sorted(p for p in (tmp_path / "runs" / "tiny_eval_multirun").iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["experiment=tiny_eval,module.lr=0.001", "experiment=tiny_eval,module.lr=0.003"]
+    out = _multirun(tmp_path, 4, eval_cache)  # more steps: the same directories, each resumed
+    assert out.count("resuming from") == 2
+    for job in jobs:
+        assert _state(job / "checkpoints" / "last.ckpt")[1]["global_step"] == 4
+        assert [r["step"] for r in read_metrics(job / "metrics.jsonl")] == [2, 4]
+    a, b = (_state(job / "checkpoints" / "last.ckpt")[0]["model.patch_embed.proj.weight"] for job in jobs)
+    assert not torch.equal(a, b)  # two learning rates, two different runs
+    compare_runs.main([str(j) for j in jobs] + ["--out", str(tmp_path / "compare")])
+    rows = list(csv.DictReader(open(tmp_path / "compare" / "runs.csv")))
+    assert [(r["run"], r["step"]) for r in rows] == [("module.lr=0.001", "4"), ("module.lr=0.003", "4")]
+    assert {p.name for p in (tmp_path / "compare").glob("*.png")} == {"classifier_accuracy.png", "classifier_fid.png"}
