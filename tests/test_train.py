@@ -136,7 +136,8 @@ def test_wandb_logger_runs_offline_and_keeps_its_run_id_on_resume(tmp_path, monk
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "run"
-    overrides = [o for o in tiny_train_overrides(run_dir, 2) if o != "logger=none"] + ["logger=wandb"]
+    grids = ["callbacks.sample_grid.every_n_steps=2"]
+    overrides = [o for o in tiny_train_overrides(run_dir, 2, grids) if o != "logger=none"] + ["logger=wandb"]
     run_training(compose_config("train", overrides))
     run_id = (run_dir / "wandb_id.txt").read_text()
     assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 1
@@ -144,6 +145,7 @@ def test_wandb_logger_runs_offline_and_keeps_its_run_id_on_resume(tmp_path, monk
     assert (run_dir / "wandb_id.txt").read_text() == run_id
     launches = list((run_dir / "wandb").glob("offline-run-*"))
     assert launches and all(p.name.endswith(run_id) for p in launches)
+    assert list((run_dir / "wandb").glob("offline-run-*/files/media/images/samples_*.png"))  # the sample grids
 
 
 TINY_EXPERIMENT = """# @package _global_
