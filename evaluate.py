@@ -32,6 +32,7 @@ def run(cfg: DictConfig) -> Path:
     ref = resolve_reference(str(cfg.ref), cfg.num_workers)
     opts = EvalOptions(batch_size=cfg.batch_size, device=cfg.device, inception_weights=cfg.inception_weights, cache_dir=cfg.cache_dir,
                        kid=bool(cfg.kid), num_samples=cfg.num_samples, num_ref=default_num_ref(str(cfg.ref), cfg.num_ref),
+                       inception=bool(cfg.inception),
                        classifier=is_mnist_reference(str(cfg.ref)) if cfg.classifier == "auto" else bool(cfg.classifier))
     result = evaluate(samples, ref, opts)
     out = Path(cfg.out) if cfg.out else (samples_path if samples_path.is_dir() else samples_path.parent) / "metrics.json"

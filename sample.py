@@ -14,7 +14,7 @@ from pixelflow.samplers import SamplerConfig
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        loaded = load_pixelflow(cfg.ckpt, cfg.config, cfg.allow_download)
+        loaded = load_pixelflow(cfg.ckpt, cfg.config, allow_download=cfg.allow_download, ema=cfg.ema)
     except CheckpointError as err:
         sys.exit(f"error: {err}")
     sampler_cfg = OmegaConf.to_container(cfg.sampler, resolve=True)

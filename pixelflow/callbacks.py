@@ -7,13 +7,14 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from pixelflow.checkpoint import export_released_format
+from pixelflow.checkpoint import ema_export_name, export_released_format
 from pixelflow.images import save_grid
 from pixelflow.samplers import CascadeSampler, SamplerConfig, to_uint8
 
-__all__ = ["SampleGrid", "ExportWeights"]
+__all__ = ["SampleGrid", "ExportWeights", "log_grid"]
 
 
 class SampleGrid(L.Callback):
@@ -42,6 +43,7 @@ class SampleGrid(L.Callback):
         model.train(was_training)
         path = save_grid(to_uint8(images), self.out_dir / f"{name}.png", nrow=self.per_class, upscale=self.upscale)
         print(f"[pixelflow] sample grid: {path}")
+        log_grid(pl_module.loggers, path, pl_module.global_step)
         return path
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
@@ -56,13 +58,32 @@ class SampleGrid(L.Callback):
             self.write(pl_module, "final")
 
 
+def log_grid(loggers: list[Logger], path: Path, step: int) -> None:
+    """Send a saved grid to every logger: W&B as an image (key ``samples``), any other logger with a folder
+    (TensorBoard, CSV) as a PNG copy in ``<log_dir>/samples/``."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key="samples", images=[str(path)], step=step, caption=[path.stem])
+        elif logger.log_dir is not None:
+            target = Path(logger.log_dir) / "samples" / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+
+
 class ExportWeights(L.Callback):
-    """At the end of training, write the EMA weights as ``model.pt`` + ``config.yaml`` (released layout)."""
+    """At the end of training, write the first EMA's weights as ``model.pt`` + ``config.yaml`` (released layout),
+    and every further EMA rate beside it as ``model_ema<rate>.pt``."""
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        path = export_released_format(pl_module.sampling_model, pl_module.schedule, self.out_dir, pl_module.class_names)
+        decays = pl_module.ema_decays
+        path = export_released_format(pl_module.sampling_model, pl_module.schedule, self.out_dir, pl_module.class_names,
+                                      ema_decays=decays)
         print(f"[pixelflow] exported EMA weights: {path}")
+        for decay in decays[1:]:
+            path = export_released_format(pl_module.ema_model(decay), pl_module.schedule, self.out_dir, pl_module.class_names,
+                                          ema_export_name(decay), decays)
+            print(f"[pixelflow] exported EMA {decay} weights: {path}")

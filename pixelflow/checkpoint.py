@@ -25,7 +25,8 @@ from pixelflow.cascade import CascadeSchedule
 from pixelflow.model import PixelFlowTransformer
 
 __all__ = ["LoadedModel", "CheckpointError", "load_pixelflow", "export_released_format", "model_kwargs",
-           "resolve_hub_weights", "HUB_PREFIX", "RELEASED_HUB"]
+           "resolve_hub_weights", "HUB_PREFIX", "RELEASED_HUB", "ema_export_name",
+           "ema_export_path"]
 
 _MODEL_KEYS = ("num_attention_heads", "attention_head_dim", "depth", "num_classes", "patch_size",
                "in_channels", "out_channels", "attention_bias")
@@ -163,44 +164,81 @@ def _load_released(path: Path, config_path: Path | None) -> LoadedModel:
     return LoadedModel(_build_and_load(state, kwargs, path), schedule, names, str(path))
 
 
-def _load_project(path: Path) -> LoadedModel:
+def _ema_prefix(meta: dict[str, Any], path: Path, ema: float | None) -> str:
+    """State-dict prefix of the EMA of rate ``ema`` (None: the first EMA, else the live weights)."""
+    decays = [float(d) for d in meta.get("ema_decays", [])]
+    if ema is None:
+        return "emas.0.module." if decays else "ema.module." if meta.get("has_ema") else "model."
+    if float(ema) not in decays:
+        raise CheckpointError(f"{path} has no EMA with rate {ema}; it keeps ema_decays={decays}. Pick one of those or ema=null")
+    return f"emas.{decays.index(float(ema))}.module."
+
+
+def _load_project(path: Path, ema: float | None = None) -> LoadedModel:
     ckpt = _torch_load(path)
     meta = ckpt.get("pixelflow") if isinstance(ckpt, dict) else None
     if meta is None:
         raise CheckpointError(f"{path} is not a pixelflow training checkpoint (no 'pixelflow' section); "
                               "for a plain state_dict use a .pt file with its config.yaml")
-    prefix = "ema.module." if meta.get("has_ema") else "model."
+    prefix = _ema_prefix(meta, path, ema)
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     schedule = CascadeSchedule(**meta["schedule"])
     return LoadedModel(_build_and_load(state, meta["model"], path), schedule, meta.get("class_names"), str(path))
 
 
-def load_pixelflow(path: str | Path, config: str | Path | None = None, allow_download: bool = False) -> LoadedModel:
+def ema_export_name(decay: float) -> str:
+    """File name of the exported EMA of rate ``decay`` beside ``model.pt`` (which holds the first rate)."""
+    return f"model_ema{float(decay)!r}.pt"
+
+
+def ema_export_path(model_pt: Path, decay: float) -> Path:
+    """The export file holding EMA rate ``decay``: ``model_ema<rate>.pt`` beside ``model_pt``, or ``model_pt``
+    itself when its ``config.yaml`` lists ``decay`` first."""
+    named = model_pt.with_name(ema_export_name(decay))
+    if named.is_file():
+        return named
+    config = model_pt.with_name("config.yaml")
+    decays = [float(d) for d in (OmegaConf.load(config).get("ema_decays") or [])] if config.is_file() else []
+    if decays and decays[0] == float(decay):
+        return model_pt
+    raise CheckpointError(f"no export of EMA rate {decay} beside {model_pt}: neither {named.name} exists nor does "
+                          f"{config} list it first (its ema_decays: {decays or 'not recorded'}). Use ema=null for {model_pt.name}")
+
+
+def load_pixelflow(path: str | Path, config: str | Path | None = None, allow_download: bool = False,
+                   ema: float | None = None) -> LoadedModel:
     """Load a ``model.pt`` / ``model.safetensors`` (+ ``config.yaml`` beside it or ``config``), a project ``.ckpt``,
     or ``hf://owner/name[@revision]`` from the Hugging Face cache (downloading it only if ``allow_download``).
 
-    Project checkpoints yield their EMA weights when they have them.
+    Project checkpoints yield their first EMA's weights when they have one; ``ema=<rate>`` picks another
+    (in a ``.ckpt``, or the export file of that rate beside ``model.pt``).
     """
     if str(path).startswith(HUB_PREFIX):
         return _load_released(resolve_hub_weights(str(path), allow_download), Path(config).expanduser() if config else None)
     path = Path(path).expanduser()
     if path.suffix == ".ckpt":
-        return _load_project(path)
+        return _load_project(path, ema)
+    if ema is not None:
+        path = ema_export_path(path, ema)
     return _load_released(path, Path(config).expanduser() if config else None)
 
 
 def export_released_format(model: PixelFlowTransformer, schedule: CascadeSchedule, out_dir: str | Path,
-                           class_names: list[str] | None = None) -> Path:
-    """Write ``model.pt`` and ``model.safetensors`` (the same flat fp32 state_dict) and ``config.yaml``, released layout."""
+                           class_names: list[str] | None = None, filename: str = "model.pt",
+                           ema_decays: list[float] | None = None) -> Path:
+    """Write ``filename`` and the same flat fp32 state_dict as ``<stem>.safetensors`` beside it, and ``config.yaml``,
+    in the released layout (plus the run's ``ema_decays``, the first of which is ``model.pt``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    torch.save(state, out / "model.pt")
-    safetensors.torch.save_file(state, out / "model.safetensors")
+    torch.save(state, out / filename)
+    safetensors.torch.save_file(state, out / f"{Path(filename).stem}.safetensors")
     cfg = {"model": {"target": "pixelflow.model.PixelFlowTransformer", "params": model_kwargs(model)},
            "scheduler": {"num_train_timesteps": schedule.num_train_timesteps, "num_stages": schedule.num_stages},
            "data": {"resolution": schedule.image_size}}
     if class_names is not None:
         cfg["class_names"] = list(class_names)
+    if ema_decays:
+        cfg["ema_decays"] = [float(d) for d in ema_decays]
     OmegaConf.save(OmegaConf.create(cfg), out / "config.yaml")
-    return out / "model.pt"
+    return out / filename

@@ -148,8 +148,8 @@ class DemoModel:
 
     @classmethod
     def load(cls, ckpt: str | Path, config: str | Path | None = None, device: str = "auto", max_images: int = 4,
-             allow_download: bool = False) -> DemoModel:
-        """Load ``ckpt`` (see :func:`load_pixelflow`); ``device="auto"`` picks CUDA when available."""
+             allow_download: bool = False, ema: float | None = None) -> DemoModel:
+        """Load ``ckpt`` (see :func:`load_pixelflow`, ``ema`` picks an EMA rate); ``device="auto"`` picks CUDA when available."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
@@ -158,7 +158,7 @@ class DemoModel:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from err
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} was asked for but CUDA is not available; use device=cpu or device=auto")
-        return cls(load_pixelflow(ckpt, config, allow_download), str(dev), max_images)
+        return cls(load_pixelflow(ckpt, config, allow_download=allow_download, ema=ema), str(dev), max_images)
 
     @property
     def stage_sides(self) -> list[int]:

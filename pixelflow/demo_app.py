@@ -130,7 +130,8 @@ def build_demo(cfg: Mapping[str, Any]) -> gr.Blocks:
     else:
         try:
             dm = DemoModel.load(str(cfg["ckpt"]) if hub else path, resolve_path(cfg["config"]) if cfg.get("config") else None,
-                                cfg["device"], _positive_int(cfg, "max_images"), bool(cfg.get("allow_download", False)))
+                                cfg["device"], _positive_int(cfg, "max_images"), bool(cfg.get("allow_download", False)),
+                                cfg.get("ema"))
         except CheckpointError as err:
             problem = checkpoint_help(cfg["ckpt"] if hub else path, str(err))
     if dm is None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict
 from functools import partial
 from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from pixelflow.cascade import CascadeSchedule
@@ -35,7 +37,8 @@ def ema_update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_a
 
 
 class PixelFlowLitModule(L.LightningModule):
-    """Trains ``model`` on the cascade loss; keeps an EMA copy used for samples and exports.
+    """Trains ``model`` on the cascade loss; keeps one EMA copy per rate in ``ema_decays`` (the first is used for
+    samples and ``export/model.pt``).
 
     Randomness (stages, t, noise, label dropout) comes from a generator seeded by
     (seed, optimizer step, micro-batch within the step, rank), so a resumed run draws
@@ -49,7 +52,7 @@ class PixelFlowLitModule(L.LightningModule):
         lr: float = 1e-4,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
-        ema_decay: float | None = 0.9999,
+        ema_decays: Sequence[float] | None = (0.9999,),
         lr_warmup_steps: int = 0,
         lr_decay_fraction: float = 0.0,
         label_dropout: float = 0.1,
@@ -57,8 +60,9 @@ class PixelFlowLitModule(L.LightningModule):
         class_names: list[str] | None = None,
     ):
         super().__init__()
-        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1) or null (no EMA), got {ema_decay}")
+        self.ema_decays = [float(d) for d in ema_decays or ()]
+        if not all(0.0 < d < 1.0 for d in self.ema_decays) or len(set(self.ema_decays)) != len(self.ema_decays):
+            raise ValueError(f"ema_decays must be distinct rates in (0, 1), e.g. [0.9999, 0.999], or null (no EMA); got {ema_decays}")
         if lr_warmup_steps < 0 or not 0.0 <= lr_decay_fraction <= 1.0:
             raise ValueError(f"need lr_warmup_steps >= 0 and lr_decay_fraction in [0, 1], got {lr_warmup_steps}, {lr_decay_fraction}")
         if not 0.0 <= label_dropout < 1.0:
@@ -67,15 +71,22 @@ class PixelFlowLitModule(L.LightningModule):
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.lr_warmup_steps, self.lr_decay_fraction = lr_warmup_steps, lr_decay_fraction
         self.label_dropout, self.seed, self.class_names = label_dropout, seed, class_names
-        self.ema = AveragedModel(model, multi_avg_fn=partial(ema_update, decay=ema_decay)) if ema_decay else None
-        if self.ema is not None:
-            self.ema.requires_grad_(False)
+        self.emas = nn.ModuleList(AveragedModel(model, multi_avg_fn=partial(ema_update, decay=d)) for d in self.ema_decays)
+        self.emas.requires_grad_(False)
         self._micro_batch = 0
 
     @property
     def sampling_model(self) -> PixelFlowTransformer:
-        """The weights to sample from: EMA when kept, else the live model."""
-        return self.ema.module if self.ema is not None else self.model
+        """The weights to sample from: the first EMA when kept, else the live model."""
+        return self.ema_model(None)
+
+    def ema_model(self, decay: float | None) -> PixelFlowTransformer:
+        """The EMA weights of rate ``decay`` (None: the first EMA, or the live model when none is kept)."""
+        if decay is None:
+            return self.emas[0].module if self.ema_decays else self.model
+        if float(decay) not in self.ema_decays:
+            raise ValueError(f"no EMA with rate {decay} in this run; it keeps module.ema_decays={self.ema_decays}")
+        return self.emas[self.ema_decays.index(float(decay))].module
 
     def _generator(self) -> torch.Generator:
         step_seed = (self.global_step * 4096 + self._micro_batch) * max(self.trainer.world_size, 1) + self.global_rank
@@ -109,8 +120,8 @@ class PixelFlowLitModule(L.LightningModule):
             group["lr"] = self.learning_rate(self.global_step)
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         self._micro_batch = 0
-        if self.ema is not None:
-            self.ema.update_parameters(self.model)
+        for ema in self.emas:
+            ema.update_parameters(self.model)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW; its lr is set before every step by :meth:`learning_rate` (constant by default, as in the paper)."""
@@ -121,5 +132,12 @@ class PixelFlowLitModule(L.LightningModule):
             "model": model_kwargs(self.model),
             "schedule": asdict(self.schedule),
             "class_names": self.class_names,
-            "has_ema": self.ema is not None,
+            "has_ema": bool(self.ema_decays),
+            "ema_decays": self.ema_decays,  # state_dict keys emas.<i>.module.* hold rate ema_decays[i]
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resume checkpoints written before several EMAs existed (one EMA under ``ema.``) as ``emas.0.``."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("ema.")]:
+            state["emas.0." + key[len("ema."):]] = state.pop(key)

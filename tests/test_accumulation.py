@@ -19,7 +19,7 @@ class RecordGrads(L.Callback):
 
 
 def train(micro: int, accumulation: int, steps: int = 2, clip: float = 0.05):
-    module = FixedPairModule(random_test_model(8), CascadeSchedule(image_size=16), lr=1e-3, ema_decay=0.9, label_dropout=0.0)
+    module = FixedPairModule(random_test_model(8), CascadeSchedule(image_size=16), lr=1e-3, ema_decays=[0.9], label_dropout=0.0)
     data = TensorDataModule(8, micro)
     grads = RecordGrads()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, accumulate_grad_batches=accumulation,
@@ -27,7 +27,7 @@ def train(micro: int, accumulation: int, steps: int = 2, clip: float = 0.05):
                         enable_model_summary=False, use_distributed_sampler=False, callbacks=[grads])
     trainer.fit(module, datamodule=data)
     params = torch.cat([p.detach().flatten() for p in module.model.parameters()])
-    ema = torch.cat([p.detach().flatten() for p in module.ema.module.parameters()])
+    ema = torch.cat([p.detach().flatten() for p in module.emas[0].module.parameters()])
     return trainer, data, grads.grads, params, ema
 
 

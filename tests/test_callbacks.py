@@ -15,3 +15,12 @@ def test_sample_grids_every_n_steps_and_a_final_grid(tmp_path):
     off_boundary = _grids(tmp_path / "b", 3, 4)
     assert sorted(off_boundary) == ["final.png", "step_0000003.png"]
     assert off_boundary["final.png"] == on_boundary["final.png"]  # same seed and weights at step 4: same grid
+
+
+def test_sample_grids_go_to_the_logger_folder(tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [o for o in tiny_train_overrides(run_dir, 2, ["callbacks.sample_grid.every_n_steps=2"]) if o != "logger=none"]
+    run_training(compose_config("train", [*overrides, "logger=csv"]))
+    logged = sorted((run_dir / "logs").glob("version_*/samples/*.png"))
+    assert [p.name for p in logged] == ["step_0000002.png"]
+    assert logged[0].read_bytes() == (run_dir / "samples" / "step_0000002.png").read_bytes()

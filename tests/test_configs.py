@@ -1,6 +1,8 @@
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
 from tests.hydra_utils import CONF, compose_config
@@ -43,7 +45,7 @@ def test_quickstart_is_the_default_and_paper_recipe_matches_spec(tmp_path):
     assert default.run_name == "mnist_quickstart" and default.model.name == "Tiny/4"
     paper = compose_config("train", ["experiment=imagenet256_xl4", f"paths.root_dir={tmp_path}"])
     assert paper.model.name == "XL/4" and paper.module.lr == 1e-4 and paper.module.weight_decay == 0
-    assert paper.module.ema_decay == 0.9999 and paper.trainer.gradient_clip_val == 1.0
+    assert list(paper.module.ema_decays) == [0.9999] and paper.trainer.gradient_clip_val == 1.0
     assert paper.module.lr_warmup_steps == 0 and paper.module.lr_decay_fraction == 0  # constant lr
     assert paper.trainer.precision == "bf16-mixed" and paper.global_batch_size == 256
 
@@ -52,3 +54,31 @@ def test_quickstart_is_the_default_and_paper_recipe_matches_spec(tmp_path):
 def test_entrypoint_configs_compose(name, tmp_path):
     cfg = compose_config(name, [f"out_dir={tmp_path}"])
     assert cfg.sampler.method == "euler"
+
+
+@pytest.mark.parametrize("option", ["mnist_classifier", "fid10k"])
+def test_evaluation_options_build_their_callback(option, tmp_path):
+    cfg = compose_config("train", ["experiment=imagenet256_xl4", f"callbacks/evaluate={option}", f"paths.root_dir={tmp_path}"])
+    callback = instantiate(cfg.callbacks.evaluate)
+    assert callback.metrics_file == tmp_path / "runs" / "imagenet256_xl4" / "metrics.jsonl"
+    if option == "fid10k":
+        assert callback.num_samples == 10_000 and callback.options.inception and not callback.options.classifier
+        assert callback.ref_spec == str(tmp_path / "data" / "VIRTUAL_imagenet256_labeled.npz")
+    assert "evaluate" not in compose_config("train", ["experiment=imagenet256_xl4"]).callbacks  # off unless selected
+
+
+def test_quickstart_evaluates_itself_cheaply_at_the_end(tmp_path):
+    evaluate = compose_config("train", [f"paths.root_dir={tmp_path}"]).callbacks.evaluate
+    assert evaluate.every_n_steps == 0 and evaluate.num_samples == 500 and evaluate.ref == "mnist_test"
+    assert evaluate.classifier is True and evaluate.inception is False
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "submitit_slurm"])
+def test_slurm_launcher_composes(launcher):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}", "module.lr=1e-3"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert cfg.hydra.sweep.subdir == "module.lr=1e-3"  # each job its own directory, named after its overrides
+    if launcher == "slurm":
+        assert cfg.hydra.launcher.gpus_per_node == cfg.hydra.launcher.tasks_per_node == 8

@@ -52,6 +52,19 @@ def test_sample_cli_end_to_end(tmp_path, ckpt):
     assert len(list((out / "images").glob("*.png"))) == 12 and (out / "grid.png").is_file()
 
 
+def test_sample_cli_picks_an_ema_rate_of_an_export(tmp_path, tiny_model):
+    schedule, out = CascadeSchedule(image_size=32), tmp_path / "out"
+    export_released_format(tiny_model, schedule, tmp_path / "export", ema_decays=[0.9, 0.5])
+    export_released_format(tiny_model, schedule, tmp_path / "export", filename="model_ema0.5.pt", ema_decays=[0.9, 0.5])
+    proc = sample_cli(f"ckpt={tmp_path / 'export' / 'model.pt'}", "ema=0.5", f"out_dir={out}", "num_samples=2", "sampler.steps=1")
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log
+    assert str(tmp_path / "export" / "model_ema0.5.pt") in str(np.load(out / "samples.npz")["settings"])
+    proc = sample_cli(f"ckpt={tmp_path / 'export' / 'model.pt'}", "ema=0.7", f"out_dir={out}")
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode != 0 and "no export of EMA rate 0.7" in log and "Traceback" not in log
+
+
 def test_sample_cli_missing_checkpoint_is_a_clear_error(tmp_path):
     proc = sample_cli(f"ckpt={tmp_path}/missing.ckpt", f"out_dir={tmp_path}/o")
     log = proc.communicate(timeout=300)[0]

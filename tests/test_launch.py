@@ -23,7 +23,7 @@ def test_24gb_recipe_is_the_paper_batch_on_one_gpu():
     assert check_global_batch(cfg.global_batch_size, micro, accumulation, 1) == 256
     assert cfg.model.name == "XL/4" and cfg.model.gradient_checkpointing is True
     assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.gradient_clip_val == 1.0
-    assert cfg.module.lr == 1e-4 and cfg.module.weight_decay == 0.0 and cfg.module.ema_decay == 0.9999
+    assert cfg.module.lr == 1e-4 and cfg.module.weight_decay == 0.0 and list(cfg.module.ema_decays) == [0.9999]
     assert cfg.run_name == "imagenet256_xl4_24gb"
 
 

@@ -1,9 +1,23 @@
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from pixelflow.checkpoint import load_pixelflow
+from pixelflow.checkpoint import CheckpointError, load_pixelflow
+from pixelflow.eval_callback import read_metrics
 from pixelflow.launch import build_training, check_global_batch, run_training
 from tests.hydra_utils import compose_config, tiny_train_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+TWO_EMAS = "module.ema_decays=[0.9,0.5]"
+_spec = importlib.util.spec_from_file_location("compare_runs", ROOT / "scripts" / "compare_runs.py")
+compare_runs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(compare_runs)
 
 
 def _state(path):
@@ -34,18 +48,51 @@ def test_training_writes_checkpoints_grid_and_export(tmp_path):
     assert exported.class_names == [str(i) for i in range(10)] and exported.schedule.image_size == 32
 
 
+def test_two_ema_rates_are_exported_and_selectable(tmp_path):
+    run_dir = tmp_path / "run"
+    run_training(compose_config("train", tiny_train_overrides(run_dir, 2, [TWO_EMAS])))
+    export = run_dir / "export"
+    assert sorted(p.name for p in export.glob("*.pt")) == ["model.pt", "model_ema0.5.pt"]
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    first, second = load_pixelflow(export / "model.pt"), load_pixelflow(export / "model.pt", ema=0.5)
+    assert load_pixelflow(export / "model.pt", ema=0.9).source == str(export / "model.pt")  # the first rate is model.pt
+    assert second.source == str(export / "model_ema0.5.pt")
+    for name, weight in first.model.state_dict().items():
+        assert torch.equal(weight, load_pixelflow(ckpt).model.state_dict()[name])
+        assert torch.equal(second.model.state_dict()[name], load_pixelflow(ckpt, ema=0.5).model.state_dict()[name])
+    key = "patch_embed.proj.weight"
+    assert not torch.equal(first.model.state_dict()[key], second.model.state_dict()[key])
+    for path in (export / "model.pt", ckpt):
+        with pytest.raises(CheckpointError, match="0.7"):
+            load_pixelflow(path, ema=0.7)
+
+
+def test_legacy_single_ema_checkpoint_still_loads(tmp_path):
+    """A checkpoint from before several EMAs (keys ``ema.module.*``) loads its EMA and resumes."""
+    run_dir = tmp_path / "run"
+    run_training(compose_config("train", tiny_train_overrides(run_dir, 2)))
+    path = run_dir / "checkpoints" / "last.ckpt"
+    state, ckpt = _state(path)
+    ckpt["state_dict"] = {k.replace("emas.0.", "ema.", 1): v for k, v in state.items()}
+    del ckpt["pixelflow"]["ema_decays"]
+    torch.save(ckpt, path)
+    assert torch.equal(load_pixelflow(path).model.state_dict()["patch_embed.proj.weight"], state["emas.0.module.patch_embed.proj.weight"])
+    run_training(compose_config("train", tiny_train_overrides(run_dir, 4)))
+    assert _state(path)[1]["global_step"] == 4
+
+
 def test_resume_is_exact(tmp_path):
-    """N steps straight == N/2 steps, stop, automatic resume to N: same parameters, EMA and optimizer."""
+    """N steps straight == N/2 steps, stop, automatic resume to N: same parameters, both EMAs and optimizer."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    run_training(compose_config("train", tiny_train_overrides(straight, 6)))
-    half = tiny_train_overrides(resumed, 6, ["trainer.max_steps=3", "callbacks.checkpoint.every_n_train_steps=3"])
+    run_training(compose_config("train", tiny_train_overrides(straight, 6, [TWO_EMAS])))
+    half = tiny_train_overrides(resumed, 6, [TWO_EMAS, "trainer.max_steps=3", "callbacks.checkpoint.every_n_train_steps=3"])
     run_training(compose_config("train", half))
     assert _state(resumed / "checkpoints" / "last.ckpt")[1]["global_step"] == 3
-    run_training(compose_config("train", tiny_train_overrides(resumed, 6)))  # finds last.ckpt itself
+    run_training(compose_config("train", tiny_train_overrides(resumed, 6, [TWO_EMAS])))  # finds last.ckpt itself
     a, ckpt_a = _state(straight / "checkpoints" / "last.ckpt")
     b, ckpt_b = _state(resumed / "checkpoints" / "last.ckpt")
     assert ckpt_a["global_step"] == ckpt_b["global_step"] == 6
-    assert a.keys() == b.keys() and any(k.startswith("ema.module.") for k in a)
+    assert a.keys() == b.keys() and {k.split(".")[1] for k in a if k.startswith("emas.")} == {"0", "1"}
     for key in a:
         assert torch.equal(a[key], b[key]), key
     opt_a, opt_b = ckpt_a["optimizer_states"][0]["state"], ckpt_b["optimizer_states"][0]["state"]
@@ -89,7 +136,8 @@ def test_wandb_logger_runs_offline_and_keeps_its_run_id_on_resume(tmp_path, monk
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "run"
-    overrides = [o for o in tiny_train_overrides(run_dir, 2) if o != "logger=none"] + ["logger=wandb"]
+    grids = ["callbacks.sample_grid.every_n_steps=2"]
+    overrides = [o for o in tiny_train_overrides(run_dir, 2, grids) if o != "logger=none"] + ["logger=wandb"]
     run_training(compose_config("train", overrides))
     run_id = (run_dir / "wandb_id.txt").read_text()
     assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 1
@@ -97,3 +145,48 @@ def test_wandb_logger_runs_offline_and_keeps_its_run_id_on_resume(tmp_path, monk
     assert (run_dir / "wandb_id.txt").read_text() == run_id
     launches = list((run_dir / "wandb").glob("offline-run-*"))
     assert launches and all(p.name.endswith(run_id) for p in launches)
+    assert list((run_dir / "wandb").glob("offline-run-*/files/media/images/samples_*.png"))  # the sample grids
+
+
+TINY_EXPERIMENT = """# @package _global_
+defaults:
+  - mnist_quickstart
+  - override /model: test
+  - override /logger: none
+data: {batch_size: 8}
+trainer: {enable_progress_bar: false}
+callbacks:
+  checkpoint: {every_n_train_steps: 2}
+  sample_grid: {every_n_steps: 0, per_class: 1, steps: 1}
+  evaluate: {every_n_steps: 2, num_samples: 20, batch_size: 10, sampler: {steps: 1}, num_ref: 200}
+"""
+
+
+def _multirun(tmp_path, steps, cache):
+    """Fixed settings in an experiment config, the swept ones on the command line (keeps job directory names short)."""
+    (tmp_path / "conf" / "experiment").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "conf" / "experiment" / "tiny_eval.yaml").write_text(TINY_EXPERIMENT)
+    overrides = [f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=tiny_eval", f"paths.runs_dir={tmp_path / 'runs'}",
+                 f"trainer.max_steps={steps}", "module.lr=1e-3,3e-3"]
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", *overrides], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PIXELFLOW_CACHE_DIR": str(cache)}, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_multirun_trains_each_job_in_its_own_run_directory_and_resumes_each(tmp_path, eval_cache):
+    _multirun(tmp_path, 2, eval_cache)
+    jobs = sorted(p for p in (tmp_path / "runs" / "tiny_eval_multirun").iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["experiment=tiny_eval,module.lr=0.001", "experiment=tiny_eval,module.lr=0.003"]
+    out = _multirun(tmp_path, 4, eval_cache)  # more steps: the same directories, each resumed
+    assert out.count("resuming from") == 2
+    for job in jobs:
+        assert _state(job / "checkpoints" / "last.ckpt")[1]["global_step"] == 4
+        assert [r["step"] for r in read_metrics(job / "metrics.jsonl")] == [2, 4]
+    a, b = (_state(job / "checkpoints" / "last.ckpt")[0]["model.patch_embed.proj.weight"] for job in jobs)
+    assert not torch.equal(a, b)  # two learning rates, two different runs
+    compare_runs.main([str(j) for j in jobs] + ["--out", str(tmp_path / "compare")])
+    rows = list(csv.DictReader(open(tmp_path / "compare" / "runs.csv")))
+    assert [(r["run"], r["step"]) for r in rows] == [("module.lr=0.001", "4"), ("module.lr=0.003", "4")]
+    assert {p.name for p in (tmp_path / "compare").glob("*.png")} == {"classifier_accuracy.png", "classifier_fid.png"}

@@ -45,6 +45,7 @@ class EvalOptions:
     num_samples: int | None = None
     num_ref: int | None = None
     classifier: bool = False
+    inception: bool = True  # False: only the MNIST classifier metrics (needs classifier=True)
 
 
 def _device(name: str) -> str:
@@ -96,39 +97,42 @@ def _cached(cache: Path, parts: list[Any], compute: Callable[[], dict[str, np.nd
 
 def evaluate(samples: ImageSet, ref: ImageSet, opts: EvalOptions) -> dict[str, Any]:
     """All metrics of ``samples`` against ``ref``; see the module docstring for the result's layout."""
+    if not (opts.inception or opts.classifier):
+        raise EvaluationInputError("inception=false and classifier=false leave no metric to compute; enable one of them")
     device, cache = _device(opts.device), Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
     n_samples, n_ref = _count(samples, opts.num_samples, "samples"), _count(ref, opts.num_ref, "reference")
-    weights = resolve_inception_weights(opts.inception_weights, cache)
-    net = InceptionFeatures(weights, device)
     metrics: dict[str, float] = {}
     unavailable: dict[str, str] = {}
     timing: dict[str, float] = {}
+    weights = None
+    if opts.inception:
+        weights = resolve_inception_weights(opts.inception_weights, cache)
+        net = InceptionFeatures(weights, device)
+        gen, timing["sample_inception_seconds"] = _extract(net.extract, samples, n_samples, opts.batch_size, "Inception features (samples)")
+        timing["inception_seconds_per_1000_images"] = 1000 * timing["sample_inception_seconds"] / n_samples
+        start = time.perf_counter()
+        real = _cached(cache, ["inception", ref.sha256, n_ref, weights.sha256],
+                       lambda: _extract(net.extract, ref, n_ref, opts.batch_size, "Inception features (reference)")[0])
+        timing["reference_inception_seconds"] = time.perf_counter() - start
 
-    gen, timing["sample_inception_seconds"] = _extract(net.extract, samples, n_samples, opts.batch_size, "Inception features (samples)")
-    timing["inception_seconds_per_1000_images"] = 1000 * timing["sample_inception_seconds"] / n_samples
-    start = time.perf_counter()
-    real = _cached(cache, ["inception", ref.sha256, n_ref, weights.sha256],
-                   lambda: _extract(net.extract, ref, n_ref, opts.batch_size, "Inception features (reference)")[0])
-    timing["reference_inception_seconds"] = time.perf_counter() - start
-
-    if ref.stats is not None:
-        ref_pool = {"mu": ref.stats["mu"], "sigma": ref.stats["sigma"]}
-        ref_spatial = {"mu": ref.stats["mu_s"], "sigma": ref.stats["sigma_s"]}
-    else:
-        ref_pool, ref_spatial = M.feature_statistics(real["pool"]), M.feature_statistics(real["spatial"])
-    metrics["fid"] = M.frechet_distance(M.feature_statistics(gen["pool"]), ref_pool)
-    metrics["sfid"] = M.frechet_distance(M.feature_statistics(gen["spatial"]), ref_spatial)
-    if "logits" in gen:
-        metrics["inception_score"], metrics["inception_score_std"] = M.inception_score(gen["logits"])
-    else:
-        unavailable["inception_score"] = ("the offline Inception weights (pool3 only) have no classifier layer; pass inception_weights="
-                                          "/path/to/weights-inception-2015-12-05-6726825d.pth (torch-fidelity's full weights)")
-    if min(n_samples, n_ref) > M.PR_NEIGHBOURHOOD:
-        metrics["precision"], metrics["recall"] = M.precision_recall(gen["pool"], real["pool"])
-    else:
-        unavailable["precision"] = unavailable["recall"] = f"needs more than {M.PR_NEIGHBOURHOOD} sample and reference images"
-    if opts.kid:
-        metrics["kid"], metrics["kid_std"] = M.kernel_inception_distance(gen["pool"], real["pool"])
+        if ref.stats is not None:
+            ref_pool = {"mu": ref.stats["mu"], "sigma": ref.stats["sigma"]}
+            ref_spatial = {"mu": ref.stats["mu_s"], "sigma": ref.stats["sigma_s"]}
+        else:
+            ref_pool, ref_spatial = M.feature_statistics(real["pool"]), M.feature_statistics(real["spatial"])
+        metrics["fid"] = M.frechet_distance(M.feature_statistics(gen["pool"]), ref_pool)
+        metrics["sfid"] = M.frechet_distance(M.feature_statistics(gen["spatial"]), ref_spatial)
+        if "logits" in gen:
+            metrics["inception_score"], metrics["inception_score_std"] = M.inception_score(gen["logits"])
+        else:
+            unavailable["inception_score"] = ("the offline Inception weights (pool3 only) have no classifier layer; pass inception_weights="
+                                              "/path/to/weights-inception-2015-12-05-6726825d.pth (torch-fidelity's full weights)")
+        if min(n_samples, n_ref) > M.PR_NEIGHBOURHOOD:
+            metrics["precision"], metrics["recall"] = M.precision_recall(gen["pool"], real["pool"])
+        else:
+            unavailable["precision"] = unavailable["recall"] = f"needs more than {M.PR_NEIGHBOURHOOD} sample and reference images"
+        if opts.kid:
+            metrics["kid"], metrics["kid_std"] = M.kernel_inception_distance(gen["pool"], real["pool"])
 
     classifier_info = None
     if opts.classifier:
@@ -156,7 +160,8 @@ def evaluate(samples: ImageSet, ref: ImageSet, opts: EvalOptions) -> dict[str, A
                       "fid_statistics": "precomputed in the reference file (mu, sigma, mu_s, sigma_s)" if ref.stats is not None
                       else f"computed from {n_ref} reference images"},
         "sampler_settings": samples.settings,
-        "feature_extractor": {"name": EXTRACTOR_NAME, "weights": weights.description, "weights_path": str(weights.path),
+        "feature_extractor": None if weights is None else {
+                              "name": EXTRACTOR_NAME, "weights": weights.description, "weights_path": str(weights.path),
                               "weights_sha256": weights.sha256, "input": "uint8 RGB, TF1-compatible bilinear resize to 299 x 299",
                               "fid_feature": "pool3 (2048)",
                               "sfid_feature": f"mixed_6/conv = Mixed_6d.branch1x1 output, channels 0-{SPATIAL_CHANNELS - 1}, "

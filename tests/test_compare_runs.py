@@ -1,0 +1,47 @@
+"""scripts/compare_runs.py: the table of overrides and final metrics, one plot per metric, clear errors."""
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("compare_runs", ROOT / "scripts" / "compare_runs.py")
+compare_runs = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare_runs)
+
+
+def _run(path, overrides, records):
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _record(step, ema, acc, fid):
+    return {"step": step, "ema_decay": ema, "metrics": {"classifier_accuracy": acc, "classifier_fid": fid}}
+
+
+def test_table_of_final_metrics_and_one_plot_per_metric(tmp_path):
+    a = _run(tmp_path / "a", ["model=tiny", "module.lr=0.001", "paths.runs_dir=/x"],
+             [_record(100, 0.99, 0.5, 9.0), _record(100, 0.9, 0.4, 10.0), _record(200, 0.99, 0.8, 3.0), _record(200, 0.9, 0.7, 4.0)])
+    b = _run(tmp_path / "b", ["model=tiny", "module.lr=0.003", "paths.runs_dir=/x"], [_record(100, 0.99, 0.6, 8.0)])
+    compare_runs.main([str(a), str(b), "--out", str(tmp_path / "out")])
+    rows = list(csv.DictReader(open(tmp_path / "out" / "runs.csv")))
+    assert [(r["run"], r["ema"], r["step"], r["classifier_fid"]) for r in rows] == [
+        ("module.lr=0.001", "0.99", "200", "3.0"), ("module.lr=0.001", "0.9", "200", "4.0"), ("module.lr=0.003", "0.99", "100", "8.0")]
+    assert rows[0]["overrides"] == "model=tiny module.lr=0.001"  # path settings left out
+    table = (tmp_path / "out" / "runs.md").read_text()
+    assert "| module.lr=0.003 | model=tiny module.lr=0.003 | 0.99 | 100 | 0.6 | 8 |" in table
+    for metric in ("classifier_accuracy", "classifier_fid"):
+        with Image.open(tmp_path / "out" / f"{metric}.png") as img:
+            assert img.size[0] > 300
+
+
+def test_a_run_without_evaluations_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="metrics.jsonl is missing or empty"):
+        compare_runs.main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
