@@ -165,9 +165,13 @@ class CascadeSchedule:
     ) -> torch.Tensor:
         """Correlated noise (B, C, H, W): independent 2x2 blocks, vector index 2p + q -> pixel (2h+p, 2w+q)."""
         b, c, h, w = shape
-        z = torch.randn((b, c, h // 2, w // 2, 4), generator=generator, device=device)
-        blocks = z @ self.block_noise_scale_tril.to(device).T
-        return blocks.view(b, c, h // 2, w // 2, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(b, c, h, w)
+        return self.correlate_blocks(torch.randn((b, c, h // 2, w // 2, 4), generator=generator, device=device))
+
+    def correlate_blocks(self, z: torch.Tensor) -> torch.Tensor:
+        """Standard normals (B, C, H/2, W/2, 4) -> block-correlated noise (B, C, H, W); see :meth:`block_noise`."""
+        b, c, h2, w2, _ = z.shape
+        blocks = z @ self.block_noise_scale_tril.to(z.device).T
+        return blocks.view(b, c, h2, w2, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(b, c, 2 * h2, 2 * w2)
 
     def transition(self, x: torch.Tensor, stage: int, noise: torch.Tensor) -> torch.Tensor:
         """Enter ``stage`` from the previous stage's final latent: alpha Up(x) + beta n."""

@@ -1,4 +1,4 @@
-"""Cascade samplers: Euler (published default), Heun, and adaptive Dopri5 via torchdiffeq.
+"""Cascade samplers: Euler (published default), Heun, Adams-Bashforth 2 and adaptive Dopri5 (torchdiffeq).
 
 All randomness is drawn up front into a :class:`CascadeNoise` (from a ``torch.Generator``)
 or supplied by the caller, so a seed fully determines the images and golden checks can
@@ -14,10 +14,11 @@ import torch
 from torchdiffeq import odeint
 
 from pixelflow.cascade import CascadeSchedule
+from pixelflow.integrators import STEPPERS
 
 __all__ = ["SamplerConfig", "CascadeNoise", "CascadeSampler", "euler_grid", "to_uint8"]
 
-METHODS = ("euler", "heun", "dopri5")
+METHODS = ("euler", "heun", "ab2", "dopri5")
 # The Euler grid stops short of 1 and maps its end to the table's last entry.
 _EULER_T_MAX = 0.999
 
@@ -83,13 +84,23 @@ class CascadeNoise:
         cls, schedule: CascadeSchedule, seeds: Sequence[int], channels: int, doubled: bool,
         device: torch.device | str = "cpu",
     ) -> CascadeNoise:
-        """Each sample's draws from its own seed, so an image does not depend on its batch."""
-        draws = [cls.draw(schedule, 1, channels, doubled, torch.Generator(device).manual_seed(int(s)), device) for s in seeds]
-        init = torch.cat([d.init for d in draws])
+        """Each sample's draws from its own seed, so an image does not depend on its batch.
+
+        Seeds force one normal draw per sample and stage; the block correlation then runs once per
+        stage over the whole batch.
+        """
+        sides = schedule.stage_sides
+        rows = 2 if doubled else 1
+        inits, raw = [], [[] for _ in sides[1:]]
+        for seed in seeds:  # same draw order as ``draw(batch=1)`` from this seed
+            g = torch.Generator(device).manual_seed(int(seed))
+            inits.append(torch.randn((1, channels, sides[0], sides[0]), generator=g, device=device))
+            for k, s in enumerate(sides[1:]):
+                raw[k].append(torch.randn((rows, channels, s // 2, s // 2, 4), generator=g, device=device))
         # Doubled transition noise is laid out [rows for x; rows for x'] over the whole batch.
-        halves = range(2 if doubled else 1)
-        transitions = [torch.cat([d.transitions[k][h:h + 1] for h in halves for d in draws]) for k in range(len(draws[0].transitions))]
-        return cls(init, transitions)
+        transitions = [schedule.correlate_blocks(torch.cat([z[h:h + 1] for h in range(rows) for z in per_stage]))
+                       for per_stage in raw]
+        return cls(torch.cat(inits), transitions)
 
 
 def euler_grid(num_steps: int, shift: float) -> torch.Tensor:
@@ -109,64 +120,89 @@ class SampleOutput:
     images: torch.Tensor  # (B, C, H, W) float in [-1, 1] (unclamped)
     stage_finals: list[torch.Tensor]  # each stage's final latent (first B rows)
     nfe: list[int]  # batched model calls per stage
+    forward_rows: int = 0  # network input rows over the run: B per conditional-only call, 2B per guided one
 
 
 class CascadeSampler:
-    """Runs the whole cascade for a batch of class labels with stage-wise guidance."""
+    """Runs the whole cascade for a batch of class labels with stage-wise guidance.
+
+    Where the guidance weight is exactly 1 (stage 0 under the published ramp, every stage at
+    ``cfg=1``, outside ``guidance_interval``) only the conditional branch runs:
+    v_u + 1 (v_c - v_u) is v_c, up to float rounding.
+    """
 
     def __init__(self, model: torch.nn.Module, schedule: CascadeSchedule, config: SamplerConfig):
         self.model, self.schedule, self.config = model, schedule, config
         self.steps = config.validate(schedule.num_stages)
+        self.forward_rows = 0  # network input rows of the last sample() call (2 per guided image-call)
 
     # ---- velocity with guidance -------------------------------------------------------
-    def _guidance_active(self, timestep: torch.Tensor) -> bool:
+    def _weight_at(self, stage_weight: float, timestep: float) -> float:
+        """The guidance weight at global timestep T: 1 outside the guidance interval."""
         if self.config.guidance_interval is None:
-            return True
+            return stage_weight
         lo, hi = self.config.guidance_interval
-        progress = float(timestep) / (self.schedule.num_train_timesteps - 1)
-        return lo <= progress <= hi
+        return stage_weight if lo <= timestep / (self.schedule.num_train_timesteps - 1) <= hi else 1.0
 
-    def velocity(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor, weight: float) -> torch.Tensor:
-        """v_u + w (v_c - v_u) from one batched forward over [null; class]."""
+    def velocity(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor, weight: float,
+                 both_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """v_u + w (v_c - v_u) from one batched forward over [null; class]; w == 1 runs v_c alone."""
         batch = x.shape[0]
-        if not self._guidance_active(timestep):
+        if weight == 1.0:
+            self.forward_rows += batch
             return self.model(x, timestep.expand(batch), labels)
-        null = torch.full_like(labels, self.model.null_class)
-        both = self.model(torch.cat([x, x]), timestep.expand(2 * batch), torch.cat([null, labels]))
-        v_uncond, v_cond = both.chunk(2)
+        if both_labels is None:
+            both_labels = torch.cat([torch.full_like(labels, self.model.null_class), labels])
+        self.forward_rows += 2 * batch
+        v_uncond, v_cond = self.model(torch.cat([x, x]), timestep.expand(2 * batch), both_labels).chunk(2)
         return v_uncond + weight * (v_cond - v_uncond)
 
     # ---- per-stage integrators ------------------------------------------------------
-    def _euler_stage(self, x, stage, labels, weight, on_step):
-        t = euler_grid(self.steps[stage], self.config.shift)
-        timesteps = self.schedule.stage_timestep(stage, t[:-1], _EULER_T_MAX).float().to(x.device)
-        t32 = t.float()
-        heun = self.config.method == "heun"
-        nfe = 0
-        for n in range(len(timesteps)):
-            dt = (t32[n + 1] - t32[n]).item()
-            v = self.velocity(x, timesteps[n], labels, weight)
-            nfe += 1
-            last = n == len(timesteps) - 1
-            if heun and not last:
-                v_next = self.velocity(x + dt * v, timesteps[n + 1], labels, weight)
-                nfe += 1
-                v = (v + v_next) / 2
-            x = x + dt * v
-            if on_step is not None:
-                on_step(stage, n + 1, len(timesteps))
-        return x, nfe
+    def stage_grid(self, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stage-local times (N+1,) float64, global timesteps of grid points 0..N-1 as float32).
 
-    def _dopri5_stage(self, state, stage, labels, weight, on_step):
+        Euler/Heun use the published grid (shifted linspace to 0.999, then 1); AB2 a shifted
+        linspace(0, 1, N+1) on the same time axis Dopri5 integrates.
+        """
+        n = self.steps[stage]
+        if self.config.method == "ab2":
+            u = torch.linspace(0, 1, n + 1, dtype=torch.float64)
+            t = u / (self.config.shift + (1 - self.config.shift) * u)
+            return t, self.schedule.stage_timestep(stage, t[:-1]).float()
+        t = euler_grid(n, self.config.shift)
+        return t, self.schedule.stage_timestep(stage, t[:-1], _EULER_T_MAX).float()
+
+    def _fixed_grid_stage(self, x, stage, labels, both_labels, weight, on_step):
+        t, timesteps = self.stage_grid(stage)
+        # Everything per step is prepared here, on the host, once per stage.
+        t32 = t.float()
+        dts = (t32[1:] - t32[:-1]).tolist()
+        weights = [self._weight_at(weight, T) for T in timesteps.tolist()]
+        timesteps = timesteps.to(x.device)
+        calls = 0
+
+        def velocity(y: torch.Tensor, n: int) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            return self.velocity(y, timesteps[n], labels, weights[n], both_labels)
+
+        report = None if on_step is None else (lambda done, total: on_step(stage, done, total))
+        x = STEPPERS[self.config.method](x, velocity, dts, report)
+        return x, calls
+
+    def _dopri5_stage(self, state, stage, labels, both_labels, weight, on_step):
+        """Adaptive Dopri5 on the CFG-doubled state, as published (torchdiffeq syncs for step control)."""
         table = self.schedule.timestep_tables[stage]
         t0, t_last = float(table[0]), float(table[-1])
         batch, nfe = labels.shape[0], 0
+        interval = self.config.guidance_interval is not None
 
         def rhs(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             nonlocal nfe
             nfe += 1
             timestep = (t0 + t * (t_last - t0)).float().reshape(1)
-            v = self.velocity(y[:batch], timestep, labels, weight)
+            w = self._weight_at(weight, float(timestep)) if interval else weight
+            v = self.velocity(y[:batch], timestep, labels, w, both_labels)
             return torch.cat([v, v])
 
         grid = torch.tensor([0.0, 1.0], device=state.device)
@@ -192,20 +228,22 @@ class CascadeSampler:
             raise ValueError(f"class labels must lie in [0, {self.model.num_classes - 1}], got {labels.tolist()}")
         doubled = self.config.method == "dopri5"
         batch = labels.shape[0]
+        both_labels = torch.cat([torch.full_like(labels, self.model.null_class), labels])
         if noise is None:
             noise = CascadeNoise.draw(self.schedule, batch, self.model.in_channels, doubled, generator, device)
         x = noise.init.to(device)
         if doubled:
             x = torch.cat([x, x])
+        self.forward_rows = 0
         finals, nfes = [], []
         for stage in range(self.schedule.num_stages):
             if stage:
                 x = self.schedule.transition(x, stage, noise.transitions[stage - 1].to(device))
             weight = self.schedule.stage_cfg(self.config.cfg, stage)
-            integrate = self._dopri5_stage if doubled else self._euler_stage
-            x, nfe = integrate(x, stage, labels, weight, on_step)
+            integrate = self._dopri5_stage if doubled else self._fixed_grid_stage
+            x, nfe = integrate(x, stage, labels, both_labels, weight, on_step)
             finals.append(x[:batch])
             nfes.append(nfe)
             if on_stage_end is not None:
                 on_stage_end(stage, x[:batch])
-        return SampleOutput(images=x[:batch], stage_finals=finals, nfe=nfes)
+        return SampleOutput(images=x[:batch], stage_finals=finals, nfe=nfes, forward_rows=self.forward_rows)

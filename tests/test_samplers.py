@@ -25,7 +25,7 @@ def test_same_seed_same_images_different_seed_different(tiny_model, tiny_schedul
     assert [f.shape[-1] for f in a.stage_finals] == [4, 8, 16, 32]
 
 
-@pytest.mark.parametrize("method,calls", [("euler", [2, 2, 2, 2]), ("heun", [3, 3, 3, 3])])
+@pytest.mark.parametrize("method,calls", [("euler", [2, 2, 2, 2]), ("heun", [3, 3, 3, 3]), ("ab2", [2, 2, 2, 2])])
 def test_model_calls_per_stage(tiny_model, tiny_schedule, method, calls):
     assert run(tiny_model, tiny_schedule, torch.tensor([0]), method=method).nfe == calls
 
@@ -46,7 +46,7 @@ def test_guidance_is_one_batched_forward_and_follows_the_stage_ramp(tiny_model, 
     tiny_model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
     labels = torch.tensor([1, 2, 3])
     run(tiny_model, tiny_schedule, labels, steps=1)
-    assert calls == [6, 6, 6, 6]  # [null; class] in one batch, one call per stage
+    assert calls == [3, 6, 6, 6]  # stage 0 has w = 1: conditional only; then [null; class] in one batch
     assert [tiny_schedule.stage_cfg(3.0, k) for k in range(4)] == pytest.approx([1, 1 + 2 / 6, 1 + 4 / 3, 3])
 
 
@@ -98,3 +98,54 @@ def test_out_of_range_label_is_a_clear_error(tiny_model, tiny_schedule):
 def test_to_uint8():
     x = torch.tensor([-2.0, -1.0, 0.0, 1.0]).view(1, 1, 2, 2).expand(1, 3, 2, 2)
     assert to_uint8(x)[0, :, :, 0].flatten().tolist() == [0, 0, 128, 255]
+
+
+class _AlwaysBothBranches(CascadeSampler):
+    """The full computation: [null; class] forward and v_u + w (v_c - v_u) even where w == 1."""
+
+    def velocity(self, x, timestep, labels, weight, both_labels=None):
+        null = torch.full_like(labels, self.model.null_class)
+        v_u, v_c = self.model(torch.cat([x, x]), timestep.expand(2 * x.shape[0]), torch.cat([null, labels])).chunk(2)
+        return v_u + weight * (v_c - v_u)
+
+
+@pytest.mark.parametrize("kw", [dict(cfg=3.0), dict(cfg=1.0), dict(cfg=3.0, guidance_interval=(0.4, 0.8)),
+                                dict(method="heun", cfg=3.0), dict(method="ab2", cfg=1.0)])
+def test_guidance_skip_matches_the_full_computation_to_float_rounding(tiny_model, tiny_schedule, kw):
+    labels = torch.tensor([1, 5, 7])
+    noise = CascadeNoise.draw(tiny_schedule, 3, 3, doubled=False, generator=torch.Generator().manual_seed(4))
+    config = SamplerConfig(**{"steps": 3, **kw})
+    rows = []
+    tiny_model.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    fast = CascadeSampler(tiny_model, tiny_schedule, config).sample(labels, noise=noise)
+    fast_rows, rows[:] = sum(rows), []
+    full = _AlwaysBothBranches(tiny_model, tiny_schedule, config).sample(labels, noise=noise)
+    assert fast.nfe == full.nfe
+    assert (fast.images - full.images).abs().max() < 1e-5
+    assert fast.forward_rows == fast_rows < sum(rows)  # stage 0 (w = 1) at least ran conditional-only
+
+
+def test_cfg_one_runs_only_the_conditional_branch(tiny_model, tiny_schedule):
+    calls = []
+    tiny_model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    out = run(tiny_model, tiny_schedule, torch.tensor([1, 2]), steps=2, cfg=1.0)
+    assert calls == [2] * 8 and out.forward_rows == 16
+
+
+@pytest.mark.slow
+def test_guidance_skip_in_dopri5_keeps_the_doubled_state_and_matches_the_full_computation(tiny_model, tiny_schedule):
+    labels = torch.tensor([2, 3])
+    noise = CascadeNoise.draw(tiny_schedule, 2, 3, doubled=True, generator=torch.Generator().manual_seed(0))
+    config = SamplerConfig(method="dopri5", cfg=2.0, rtol=1e-2, atol=1e-3)
+    fast = CascadeSampler(tiny_model, tiny_schedule, config).sample(labels, noise=noise)
+    full = _AlwaysBothBranches(tiny_model, tiny_schedule, config).sample(labels, noise=noise)
+    assert fast.nfe == full.nfe and (fast.images - full.images).abs().max() < 1e-4
+
+
+def test_ab2_grid_spans_the_whole_stage_like_dopri5(tiny_model, tiny_schedule):
+    sampler = CascadeSampler(tiny_model, tiny_schedule, SamplerConfig(method="ab2", steps=4, shift=2.0))
+    t, timesteps = sampler.stage_grid(2)
+    table = tiny_schedule.timestep_tables[2]
+    assert t[0] == 0 and t[-1] == 1 and len(timesteps) == 4
+    assert timesteps[0].item() == pytest.approx(float(table[0]))
+    assert timesteps[1].item() == pytest.approx(float(table[0] + (0.25 / (2 - 0.25)) * (table[-1] - table[0])))
