@@ -242,6 +242,10 @@ class PixelFlowTransformer(nn.Module):
 
     @property
     def null_class(self) -> int:
+        """The unconditional label (index ``num_classes``) of a class-to-image model."""
+        if not self.num_classes:
+            raise ValueError("this model has no class table (num_classes=0): its unconditional branch is the empty "
+                             "prompt (pixelflow.text), not a null class")
         return self.num_classes
 
     def reset_parameters(self) -> None:

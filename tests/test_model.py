@@ -46,6 +46,8 @@ def test_every_t2i_size_builds_and_runs(name):
         out = model(x, torch.tensor([10.0, 500.0]), text_states=torch.randn(2, 7, kw["cross_attention_dim"]),
                     text_mask=torch.ones(2, 7))
     assert out.shape == x.shape and not hasattr(model, "class_embedder")
+    with pytest.raises(ValueError, match="no class table"):
+        _ = model.null_class
 
 
 def _published_t2i_keys(depth: int, hidden: int, d_text: int, patch: int) -> dict[str, list[int]]:
