@@ -188,9 +188,12 @@ class GoldenFolder:
 def main(argv: list[str] | None = None) -> int:
     """CLI: print one row per check (max abs error, tolerance); exit 0 only if all pass."""
     parser = argparse.ArgumentParser(description="Check pixelflow against a golden folder.")
-    parser.add_argument("--golden", required=True, help="folder laid out as tests/data/golden/README.md")
+    parser.add_argument("--golden", required=True, help="folder laid out as tests/data/golden{,_t2i}/README.md")
     args = parser.parse_args(argv)
-    results = GoldenFolder(args.golden).run_all()
+    from pixelflow.golden_t2i import GoldenT2IFolder, is_t2i_folder  # imports this module
+
+    folder = GoldenT2IFolder(args.golden) if is_t2i_folder(args.golden) else GoldenFolder(args.golden)
+    results = folder.run_all()
     width = max(len(r.name) for r in results)
     print(f"{'check':<{width}}  {'max abs err':>12}  {'tolerance':>10}  result")
     for r in results:

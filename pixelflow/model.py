@@ -1,7 +1,10 @@
-"""The PixelFlow transformer: one class-conditional DiT-style network shared by every stage.
+"""The PixelFlow transformer: one DiT-style network shared by every stage.
 
-Weight-for-weight compatible with the released ImageNet-256 "XL/4" checkpoint: the module
-tree below reproduces its state_dict key names (see ``tests/data/*manifest.json``).
+Class-conditional (``num_classes > 0``) or text-conditional (``num_classes = 0`` and
+``cross_attention_dim = D_text``: a cross-attention after each gated self-attention).
+Weight-for-weight compatible with the released ImageNet-256 "XL/4" checkpoint and the published
+text-to-image layout: the module tree below reproduces their state_dict key names (see
+``tests/data/*manifest.json`` and ``tests/data/golden_t2i/model_config.json``).
 Named sizes live in :data:`PIXELFLOW_CONFIGS`; build one with :func:`build_model`.
 """
 
@@ -95,28 +98,39 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a whole-width RMS QK-norm and 2D RoPE."""
+    """Multi-head attention with a whole-width RMS QK-norm and 2D RoPE.
 
-    def __init__(self, hidden: int, num_heads: int, head_dim: int, bias: bool = True):
+    Self-attention (``context=None``) rotates queries and keys; cross-attention to ``context``
+    (B, L, ``context_dim``) rotates the queries only (keys are text positions) and adds
+    ``context_bias`` (B, 1, 1, L) to the scores.
+    """
+
+    def __init__(self, hidden: int, num_heads: int, head_dim: int, bias: bool = True, context_dim: int | None = None):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
         inner = num_heads * head_dim
         self.q_proj = nn.Linear(hidden, inner, bias=bias)
-        self.k_proj = nn.Linear(hidden, inner, bias=bias)
-        self.v_proj = nn.Linear(hidden, inner, bias=bias)
+        self.k_proj = nn.Linear(context_dim or hidden, inner, bias=bias)
+        self.v_proj = nn.Linear(context_dim or hidden, inner, bias=bias)
         self.o_proj = nn.Linear(inner, hidden, bias=bias)
         self.q_norm = nn.RMSNorm(inner, eps=1e-6)
         self.k_norm = nn.RMSNorm(inner, eps=1e-6)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        context: torch.Tensor | None = None, context_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
+        kv = x if context is None else context.to(x.dtype)
         q = heads(self.q_norm(self.q_proj(x).float()).to(x.dtype))
-        k = heads(self.k_norm(self.k_proj(x).float()).to(x.dtype))
-        v = heads(self.v_proj(x))
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v)
+        k = heads(self.k_norm(self.k_proj(kv).float()).to(x.dtype))
+        v = heads(self.v_proj(kv))
+        q = apply_rope(q, cos, sin)
+        if context is None:
+            k = apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if context_bias is None else context_bias.to(q.dtype))
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
@@ -145,29 +159,44 @@ class AdaLNModulation(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm adaLN-Zero block: LayerNorm for attention, learned RMSNorm for the MLP."""
+    """Pre-norm adaLN-Zero block: LayerNorm for attention, learned RMSNorm for the MLP.
 
-    def __init__(self, hidden: int, num_heads: int, head_dim: int, bias: bool = True):
+    With ``cross_attention_dim`` it gains an ungated text cross-attention after the gated
+    self-attention residual: ``x + attn2(norm2(x), text)`` with a learned RMSNorm ``norm2``.
+    """
+
+    def __init__(self, hidden: int, num_heads: int, head_dim: int, bias: bool = True, cross_attention_dim: int | None = None):
         super().__init__()
         self.norm1 = AdaLNModulation(hidden, 6)
         self.attn1 = Attention(hidden, num_heads, head_dim, bias)
+        if cross_attention_dim:
+            self.norm2 = nn.RMSNorm(hidden, eps=1e-6)
+            self.attn2 = Attention(hidden, num_heads, head_dim, bias, context_dim=cross_attention_dim)
         self.norm3 = nn.RMSNorm(hidden, eps=1e-6)
         self.mlp = FeedForward(hidden)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        text: torch.Tensor | None = None, text_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(c)
         h = F.layer_norm(x.float(), x.shape[-1:], eps=1e-6) * (1 + scale_msa) + shift_msa
         x = x + (gate_msa * self.attn1(h.to(x.dtype), cos, sin)).to(x.dtype)
+        if text is not None:
+            x = x + self.attn2(self.norm2(x.float()).to(x.dtype), cos, sin, text, text_bias)
         h = self.norm3(x.float()) * (1 + scale_mlp) + shift_mlp
         return x + (gate_mlp * self.mlp(h.to(x.dtype))).to(x.dtype)
 
 
 class PixelFlowTransformer(nn.Module):
-    """Class-conditional flow transformer; one set of weights serves every cascade stage.
+    """Flow transformer; one set of weights serves every cascade stage.
 
-    ``forward(x, timestep, class_labels)`` maps a stage image ``x`` (B, C, s, s) in [-1, 1],
-    a global timestep T in [0, 999] (scalar or (B,)) and labels (B,) (``num_classes`` = null)
-    to the velocity (B, C, s, s). The stage is told to the network by r = s / patch_size.
+    Class-to-image: ``forward(x, timestep, class_labels)`` with labels (B,) (``num_classes`` =
+    null). Text-to-image (``num_classes=0, cross_attention_dim=D_text``):
+    ``forward(x, timestep, text_states=E, text_mask=M)`` with E (B, L, D_text) and a 0/1 mask
+    M (B, L). Maps a stage image ``x`` (B, C, s, s) in [-1, 1] and a global timestep T in
+    [0, 999] (scalar or (B,)) to the velocity (B, C, s, s). The stage is told to the network by
+    r = s / patch_size.
     """
 
     def __init__(
@@ -182,13 +211,18 @@ class PixelFlowTransformer(nn.Module):
         attention_bias: bool = True,
         rope_theta: float = 10000.0,
         gradient_checkpointing: bool = False,
+        cross_attention_dim: int | None = None,
     ):
         super().__init__()
         if attention_head_dim % 4:
             raise ValueError(f"attention_head_dim must be divisible by 4 for 2D RoPE, got {attention_head_dim}")
+        if num_classes < 0 or (num_classes and cross_attention_dim):
+            raise ValueError(f"choose class conditioning (num_classes > 0) or text conditioning (num_classes=0, "
+                             f"cross_attention_dim=D_text), got num_classes={num_classes}, cross_attention_dim={cross_attention_dim}")
         hidden = num_attention_heads * attention_head_dim
         self.hidden_size, self.head_dim = hidden, attention_head_dim
         self.num_classes, self.patch_size = num_classes, patch_size
+        self.cross_attention_dim = cross_attention_dim or None
         self.in_channels, self.out_channels = in_channels, out_channels
         self.rope_theta = rope_theta
         self.gradient_checkpointing = gradient_checkpointing
@@ -196,9 +230,11 @@ class PixelFlowTransformer(nn.Module):
         self.patch_embed = PatchEmbed(patch_size, in_channels, hidden)
         self.timestep_embedder = ScalarEmbedder(hidden)
         self.latent_size_embedder = ScalarEmbedder(hidden)
-        self.class_embedder = ClassEmbedder(num_classes, hidden)
+        if num_classes:
+            self.class_embedder = ClassEmbedder(num_classes, hidden)
         self.transformer_blocks = nn.ModuleList(
-            TransformerBlock(hidden, num_attention_heads, attention_head_dim, attention_bias) for _ in range(depth)
+            TransformerBlock(hidden, num_attention_heads, attention_head_dim, attention_bias, self.cross_attention_dim)
+            for _ in range(depth)
         )
         self.proj_out_1 = nn.Linear(hidden, 2 * hidden)
         self.proj_out_2 = nn.Linear(hidden, patch_size * patch_size * out_channels)
@@ -206,6 +242,10 @@ class PixelFlowTransformer(nn.Module):
 
     @property
     def null_class(self) -> int:
+        """The unconditional label (index ``num_classes``) of a class-to-image model."""
+        if not self.num_classes:
+            raise ValueError("this model has no class table (num_classes=0): its unconditional branch is the empty "
+                             "prompt (pixelflow.text), not a null class")
         return self.num_classes
 
     def reset_parameters(self) -> None:
@@ -221,7 +261,8 @@ class PixelFlowTransformer(nn.Module):
         for embedder in (self.timestep_embedder, self.latent_size_embedder):
             nn.init.normal_(embedder.linear_1.weight, std=0.02)
             nn.init.normal_(embedder.linear_2.weight, std=0.02)
-        nn.init.normal_(self.class_embedder.embedding_table.weight, std=0.02)
+        if self.num_classes:
+            nn.init.normal_(self.class_embedder.embedding_table.weight, std=0.02)
         for block in self.transformer_blocks:
             nn.init.zeros_(block.norm1.linear.weight)
             nn.init.zeros_(block.norm1.linear.bias)
@@ -229,35 +270,59 @@ class PixelFlowTransformer(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def condition(self, timestep: torch.Tensor, class_labels: torch.Tensor, grid: int) -> torch.Tensor:
-        """Conditioning vector c = MLP_t(sin T) + E[y] + MLP_r(sin r), shape (B, D)."""
-        batch = class_labels.shape[0]
-        timestep = torch.as_tensor(timestep, device=class_labels.device).reshape(-1).expand(batch)
-        r = torch.full((1,), grid, device=class_labels.device)
-        return self.timestep_embedder(timestep) + self.class_embedder(class_labels) + self.latent_size_embedder(r)
+    def condition(self, timestep: torch.Tensor, class_labels: torch.Tensor | None, grid: int, batch: int,
+                  device: torch.device) -> torch.Tensor:
+        """Conditioning vector c = MLP_t(sin T) [+ E[y]] + MLP_r(sin r), shape (B, D)."""
+        timestep = torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)
+        r = torch.full((1,), grid, device=device)
+        c = self.timestep_embedder(timestep)
+        if class_labels is not None:
+            c = c + self.class_embedder(class_labels)
+        return c + self.latent_size_embedder(r)
+
+    def _check_conditioning(self, batch: int, class_labels, text_states, text_mask) -> None:
+        if self.cross_attention_dim:
+            if class_labels is not None or text_states is None or text_mask is None:
+                raise ValueError("this is a text-to-image model: pass text_states (B, L, D_text) and text_mask (B, L), "
+                                 "not class labels")
+            if text_states.shape[0] != batch or text_states.shape[-1] != self.cross_attention_dim or text_states.ndim != 3:
+                raise ValueError(f"text_states must be ({batch}, L, {self.cross_attention_dim}), got {tuple(text_states.shape)}")
+            if tuple(text_mask.shape) != tuple(text_states.shape[:2]):
+                raise ValueError(f"text_mask must be {tuple(text_states.shape[:2])} (0/1 per text token), got {tuple(text_mask.shape)}")
+        elif text_states is not None or text_mask is not None:
+            raise ValueError("this model has no cross-attention (cross_attention_dim is None): it cannot take text")
+        elif self.num_classes and (class_labels is None or class_labels.shape[0] != batch):
+            raise ValueError(f"this is a class-to-image model: pass class_labels of shape ({batch},)")
+        elif not self.num_classes and class_labels is not None:
+            raise ValueError("this model has no class table (num_classes=0): it cannot take class labels")
 
     def forward(
         self,
         x: torch.Tensor,
         timestep: torch.Tensor | float,
-        class_labels: torch.Tensor,
+        class_labels: torch.Tensor | None = None,
         return_intermediates: bool = False,
+        text_states: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
     ):
         batch, _, height, width = x.shape
         p = self.patch_size
         if height != width or height % p:
             raise ValueError(f"input must be square with side divisible by patch size {p}, got {height}x{width}")
+        self._check_conditioning(batch, class_labels, text_states, text_mask)
         grid = height // p
-        c = self.condition(timestep, class_labels, grid)
+        c = self.condition(timestep, class_labels, grid, batch, x.device)
         tokens = self.patch_embed(x.float().to(self.patch_embed.proj.weight.dtype))
         cos, sin = rope_2d(grid, self.head_dim, self.rope_theta, x.device)
+        # Published text mask: an additive (1 - m) * -10000 on the text positions, for every head and query.
+        text_bias = None if text_mask is None else ((1 - text_mask.float()) * -10000.0)[:, None, None, :]
         intermediates = {"tokens_in": tokens, "cond": c, "blocks": []}
         h = tokens
         for block in self.transformer_blocks:
             if self.gradient_checkpointing and self.training:
-                h = checkpoint(block, h, c, cos, sin, use_reentrant=False)
+                h = checkpoint(block, h, c, cos, sin, text_states, text_bias, use_reentrant=False)
             else:
-                h = block(h, c, cos, sin)
+                h = block(h, c, cos, sin, text_states, text_bias)
             if return_intermediates:
                 intermediates["blocks"].append(h)
         with fp32_region(x.device):
@@ -282,6 +347,14 @@ PIXELFLOW_CONFIGS: dict[str, dict] = {
     "Tiny/2": dict(num_attention_heads=4, attention_head_dim=32, depth=4, patch_size=2),
     # Unit tests: the layout of the public golden model.
     "Test/2": dict(num_attention_heads=2, attention_head_dim=16, depth=2, patch_size=2),
+    # Text-to-image. The released 1024 px model's config.yaml is not available here: this is a
+    # documented guess, the XL/4 trunk with Flan-T5-XL's width D_text = 2048, which gives
+    # 882.1M parameters against the published 882M.
+    "T2I-XL/4": dict(num_attention_heads=16, attention_head_dim=72, depth=28, patch_size=4,
+                     num_classes=0, cross_attention_dim=2048),
+    # Unit tests: the layout of the public T2I golden model (12 text tokens of width 24).
+    "T2I-Test/2": dict(num_attention_heads=2, attention_head_dim=16, depth=2, patch_size=2,
+                       num_classes=0, cross_attention_dim=24),
 }
 
 

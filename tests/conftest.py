@@ -10,6 +10,7 @@ from pixelflow.model import build_model
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = DATA / "golden"
+GOLDEN_T2I = DATA / "golden_t2i"
 MANIFEST = DATA / "pixelflow_c2i_state_dict_manifest.json"
 
 

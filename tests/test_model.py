@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pixelflow.model import PIXELFLOW_CONFIGS, PixelFlowTransformer, apply_rope, build_model, rope_2d, sinusoid
-from tests.conftest import MANIFEST
+from tests.conftest import GOLDEN_T2I, MANIFEST
 
 
 def test_xl4_matches_released_manifest_key_for_key():
@@ -21,7 +21,11 @@ def test_xl4_matches_released_manifest_key_for_key():
     assert len(ours) == manifest["num_state_dict_entries"] == 491
 
 
-@pytest.mark.parametrize("name", sorted(PIXELFLOW_CONFIGS))
+C2I_SIZES = sorted(n for n, kw in PIXELFLOW_CONFIGS.items() if not kw.get("cross_attention_dim"))
+T2I_SIZES = sorted(n for n, kw in PIXELFLOW_CONFIGS.items() if kw.get("cross_attention_dim"))
+
+
+@pytest.mark.parametrize("name", C2I_SIZES)
 def test_every_named_size_builds_and_runs(name):
     kw = PIXELFLOW_CONFIGS[name]
     with torch.device("meta"):
@@ -31,6 +35,100 @@ def test_every_named_size_builds_and_runs(name):
     x = torch.randn(2, 3, 4 * p, 4 * p, device="meta")
     out = model(x, torch.tensor([10.0, 500.0], device="meta"), torch.tensor([1, 10], device="meta"))
     assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("name", T2I_SIZES)
+def test_every_t2i_size_builds_and_runs(name):
+    kw = PIXELFLOW_CONFIGS[name]
+    with torch.device("meta"):
+        model = build_model(name)
+        x = torch.randn(2, 3, 4 * kw["patch_size"], 4 * kw["patch_size"])
+        out = model(x, torch.tensor([10.0, 500.0]), text_states=torch.randn(2, 7, kw["cross_attention_dim"]),
+                    text_mask=torch.ones(2, 7))
+    assert out.shape == x.shape and not hasattr(model, "class_embedder")
+    with pytest.raises(ValueError, match="no class table"):
+        _ = model.null_class
+
+
+def _published_t2i_keys(depth: int, hidden: int, d_text: int, patch: int) -> dict[str, list[int]]:
+    """The published T2I key names (from the golden model's listing, depth 2) at another size."""
+    golden = json.loads((GOLDEN_T2I / "model_config.json").read_text())["keys"]
+    shapes = {32: hidden, 24: d_text, 192: 6 * hidden, 128: 4 * hidden, 64: 2 * hidden, 12: patch * patch * 3}
+    keys = {}
+    for name, shape in golden.items():
+        if name == "patch_embed.proj.weight":
+            shape = [hidden, 3, patch, patch]
+        elif name.endswith(("linear_1.weight",)):
+            shape = [hidden, 256]
+        else:
+            shape = [shapes[d] for d in shape]
+        if name.startswith("transformer_blocks.0."):
+            keys.update({name.replace(".0.", f".{i}.", 1): shape for i in range(depth)})
+        elif not name.startswith("transformer_blocks."):
+            keys[name] = shape
+    return keys
+
+
+def test_t2i_test_size_matches_the_golden_key_listing():
+    config = json.loads((GOLDEN_T2I / "model_config.json").read_text())
+    with torch.device("meta"):
+        model = PixelFlowTransformer(**config["constructor"])
+    assert {k: list(v.shape) for k, v in model.state_dict().items()} == config["keys"]
+
+
+def test_t2i_released_size_loads_a_published_state_dict_strictly():
+    """Meta build of the guessed released layout (D_text = 2048) against synthetic published keys."""
+    with torch.device("meta"):
+        model = build_model("T2I-XL/4")
+    keys = _published_t2i_keys(depth=28, hidden=1152, d_text=2048, patch=4)
+    assert "transformer_blocks.27.attn2.k_proj.weight" in keys and "transformer_blocks.5.norm2.weight" in keys
+    state = {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    assert model.transformer_blocks[27].attn2.k_proj.weight.shape == (1152, 2048)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6) == 882  # the published 882M
+    bad = dict(state, **{"transformer_blocks.0.attn2.k_proj.weight": torch.empty(1152, 4096, device="meta")})
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        model.load_state_dict(bad, strict=True, assign=True)
+
+
+def _t2i_model() -> PixelFlowTransformer:
+    torch.manual_seed(0)
+    model = build_model("T2I-Test/2").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model
+
+
+def test_t2i_masked_text_positions_do_not_matter_and_valid_ones_do():
+    model, x = _t2i_model(), torch.randn(2, 3, 8, 8)
+    states, mask = torch.randn(2, 5, 24), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
+    with torch.no_grad():
+        out = model(x, 300.0, text_states=states, text_mask=mask)
+        masked = states.clone()
+        masked[0, 2:], masked[1, 4] = 7.0, -3.0
+        assert torch.equal(model(x, 300.0, text_states=masked, text_mask=mask), out)
+        changed = states.clone()
+        changed[0, 1] += 1.0
+        out2 = model(x, 300.0, text_states=changed, text_mask=mask)
+    assert (out2[0] - out[0]).abs().max() > 1e-3 and torch.equal(out2[1], out[1])
+
+
+def test_conditioning_mismatches_are_clear_errors():
+    t2i, x, t = _t2i_model(), torch.randn(1, 3, 8, 8), torch.tensor([1.0])
+    with pytest.raises(ValueError, match="text-to-image model: pass text_states"):
+        t2i(x, t, torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"text_states must be \(1, L, 24\)"):
+        t2i(x, t, text_states=torch.randn(1, 4, 16), text_mask=torch.ones(1, 4))
+    with pytest.raises(ValueError, match="text_mask must be"):
+        t2i(x, t, text_states=torch.randn(1, 4, 24), text_mask=torch.ones(1, 5))
+    c2i = build_model("Test/2", num_classes=10)
+    with pytest.raises(ValueError, match="no cross-attention"):
+        c2i(x, t, torch.tensor([1]), text_states=torch.randn(1, 4, 24), text_mask=torch.ones(1, 4))
+    with pytest.raises(ValueError, match="class-to-image model: pass class_labels"):
+        c2i(x, t)
+    with pytest.raises(ValueError, match="choose class conditioning"):
+        build_model("Test/2", num_classes=10, cross_attention_dim=24)
 
 
 def test_unknown_size_is_a_clear_error():

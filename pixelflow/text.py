@@ -1,0 +1,115 @@
+"""Text conditioning for text-to-image models: prompts -> T5 states and masks.
+
+The network runs on [unconditional rows; conditional rows]; the unconditional branch encodes
+the empty prompt "" (as the published pipeline). :class:`TextCondition` is what the sampler
+(and later the training module and demo) receive; :class:`TextEncoder` makes one from prompts.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["TextCondition", "TextEncoder", "load_t5", "T5_NAME"]
+
+T5_NAME = "google/flan-t5-xl"  # the released model's text encoder (encoder only, width 2048)
+T5_MAX_LENGTH = 512  # published: prompts padded (and truncated) to 512 tokens
+
+
+@dataclass(frozen=True)
+class TextCondition:
+    """Text states (2B, L, D) and 0/1 masks (2B, L), rows ordered [uncond; cond]."""
+
+    states: torch.Tensor
+    mask: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.states.ndim != 3 or tuple(self.mask.shape) != tuple(self.states.shape[:2]):
+            raise ValueError(f"text states must be (2B, L, D) with a (2B, L) mask, got {tuple(self.states.shape)} "
+                             f"and {tuple(self.mask.shape)}")
+        if self.states.shape[0] % 2:
+            raise ValueError(f"text rows must be [uncond; cond] (an even count), got {self.states.shape[0]}")
+
+    @property
+    def batch(self) -> int:
+        """Number of images (B): half the rows."""
+        return self.states.shape[0] // 2
+
+    def cond(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states, mask) of the conditional rows only (for guidance 1)."""
+        return self.states[self.batch:], self.mask[self.batch:]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TextCondition:
+        return TextCondition(self.states.to(device, dtype), self.mask.to(device))
+
+
+class TextEncoder:
+    """A frozen T5 encoder and its tokenizer; encodes prompts to (states, mask), caching by prompt.
+
+    ``model`` is a ``transformers`` encoder (e.g. ``T5EncoderModel``), ``tokenizer`` its tokenizer.
+    Prompts are padded to ``max_length`` with truncation and the mask is passed to the encoder.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, max_length: int = T5_MAX_LENGTH, cache_size: int = 256):
+        if max_length < 1 or cache_size < 0:
+            raise ValueError(f"max_length must be >= 1 and cache_size >= 0, got {max_length}, {cache_size}")
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer, self.max_length, self.cache_size = tokenizer, max_length, cache_size
+        self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    @property
+    def width(self) -> int:
+        """D_text: the width of the states (the model's ``cross_attention_dim``)."""
+        return int(self.model.config.d_model)
+
+    @torch.no_grad()
+    def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,
+                                return_tensors="pt")
+        device = next(self.model.parameters()).device
+        ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        return self.model(input_ids=ids, attention_mask=mask).last_hidden_state, mask
+
+    def encode(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """States (N, max_length, D_text) and 0/1 mask (N, max_length), one row per prompt."""
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise TypeError(f"prompts must be a sequence of strings, got {prompts!r}")
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        fresh = dict(zip(missing, zip(*self._encode_uncached(missing)))) if missing else {}
+        rows = []
+        for prompt in prompts:
+            row = fresh.get(prompt) or self._cache[prompt]
+            rows.append(row)
+            if self.cache_size:
+                self._cache[prompt] = row
+                self._cache.move_to_end(prompt)
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+
+    def condition(self, prompts: Sequence[str], negative_prompt: str = "") -> TextCondition:
+        """[uncond; cond] rows for ``prompts``; the unconditional branch encodes ``negative_prompt``."""
+        states, mask = self.encode([negative_prompt] * len(prompts) + list(prompts))
+        return TextCondition(states, mask)
+
+
+def load_t5(source: str | Path = T5_NAME, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+            max_length: int = T5_MAX_LENGTH) -> TextEncoder:
+    """The T5 encoder and tokenizer from a local folder or the Hugging Face cache; never downloads."""
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+        model = T5EncoderModel.from_pretrained(str(source), local_files_only=True)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"T5 text encoder {str(source)!r} is not available locally (nothing is downloaded). Put {T5_NAME} "
+            f"(config.json, model weights and tokenizer files) in a folder and pass that folder, or fetch it once "
+            f"into the Hugging Face cache with `hf download {T5_NAME}`. ({err})"
+        ) from err
+    return TextEncoder(model.to(device, dtype), tokenizer, max_length)
