@@ -76,5 +76,5 @@ class GoldenT2IFolder:
         return rows
 
     def run_all(self) -> list[CheckResult]:
-        torch.set_grad_enabled(False)
-        return [*self.check_forward(), *self.check_euler()]
+        with torch.no_grad():  # never flips the global grad mode of a caller (e.g. a test session)
+            return [*self.check_forward(), *self.check_euler()]
