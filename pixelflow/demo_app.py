@@ -129,7 +129,7 @@ def build_demo(cfg: Mapping[str, Any]) -> gr.Blocks:
     else:
         try:
             dm = DemoModel.load(path, resolve_path(cfg["config"]) if cfg.get("config") else None, cfg["device"],
-                                _positive_int(cfg, "max_images"))
+                                _positive_int(cfg, "max_images"), cfg.get("precision", "auto"))
         except CheckpointError as err:
             problem = checkpoint_help(path, str(err))
     if dm is None:

@@ -15,3 +15,26 @@ def test_sample_grids_every_n_steps_and_a_final_grid(tmp_path):
     off_boundary = _grids(tmp_path / "b", 3, 4)
     assert sorted(off_boundary) == ["final.png", "step_0000003.png"]
     assert off_boundary["final.png"] == on_boundary["final.png"]  # same seed and weights at step 4: same grid
+
+
+def test_chunked_grid_equals_an_unchunked_one(tiny_model, tiny_schedule):
+    """Each image's noise comes from its own seed, so chunking (memory) never changes the grid."""
+    import torch
+
+    from pixelflow.callbacks import SampleGrid
+
+    labels = torch.arange(5).repeat_interleave(2)
+    grids = [SampleGrid("unused", steps=2, chunk_size=c, precision="fp32").sample(tiny_model, tiny_schedule, labels, "cpu")
+             for c in (10, 3, 1)]
+    assert grids[0].shape == (10, 32, 32, 3)
+    assert torch.equal(grids[0], grids[1]) and torch.equal(grids[0], grids[2])
+    assert not torch.equal(grids[0][0], grids[0][1])  # same class, different seeds
+
+
+def test_chunk_size_must_be_positive():
+    import pytest
+
+    from pixelflow.callbacks import SampleGrid
+
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        SampleGrid("unused", chunk_size=0)
