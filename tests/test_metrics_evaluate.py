@@ -134,3 +134,18 @@ def test_reproduce_script_stops_offline_with_instructions(tmp_path):
                    str(tmp_path / "ref.npz"), "guided-diffusion", "DOWNLOAD=1"):
         assert needle in proc.stderr, needle
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "ref.npz").exists()
+
+
+def test_reproduce_dry_run_prints_the_published_plan_without_inputs(tmp_path):
+    env = {**os.environ, "PIXELFLOW_CKPT_DIR": str(tmp_path / "ckpt"), "ADM_REF": str(tmp_path / "ref.npz"),
+           "PYTHON": sys.executable}
+    script = str(ROOT / "scripts" / "reproduce_imagenet256.sh")
+    proc = subprocess.run(["bash", script, "--dry-run"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for needle in ("images      50000", "devices     1", "batch       16 per device", "-> bf16 on CUDA",
+                   "GiB per device (estimated", "h on 1 x RTX 4090 (estimated", "dry run: nothing sampled"):
+        assert needle in proc.stdout, needle
+    proc = subprocess.run(["bash", script, "--dry-run", "devices=2", "batch_size=8", "precision=fp32"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert "devices     2" in proc.stdout and "batch       8 per device" in proc.stdout and "fp32 -> fp32" in proc.stdout
+    assert not (tmp_path / "ckpt").exists()
