@@ -21,8 +21,8 @@ def test_bad_precision_names_the_choices():
 def test_bf16_sampling_agrees_with_fp32_on_the_same_noise(tiny_model, tiny_schedule):
     """bf16 autocast runs the network in bf16 (8 mantissa bits: ~0.4% per op) on the same noise and fp32 state.
 
-    Tolerance: pixel values in [-1, 1] within 0.1 at most and 0.01 on average, over 4 stages x 4 Euler steps with
-    CFG 3 (the fp32 path itself is golden-checked bit for bit elsewhere)."""
+    Tolerance: pixel values in [-1, 1] within 0.05 at most and 0.005 on average over 4 stages x 4 Euler steps with
+    CFG 3 (measured: 0.015 and 0.0024; the fp32 path itself is golden-checked elsewhere)."""
     sampler = CascadeSampler(tiny_model, tiny_schedule, SamplerConfig(steps=4, cfg=3.0))
     labels = torch.arange(6) % 10
     noise = CascadeNoise.draw(tiny_schedule, 6, 3, False, torch.Generator().manual_seed(0))
@@ -34,7 +34,7 @@ def test_bf16_sampling_agrees_with_fp32_on_the_same_noise(tiny_model, tiny_sched
         fast = sampler.sample(labels, noise=noise).images
     assert fast.dtype == torch.float32  # the latent state stays fp32
     diff = (fast - exact).abs()
-    assert 0 < diff.max() < 0.1 and diff.mean() < 0.01
+    assert 0 < diff.max() < 0.05 and diff.mean() < 0.005
 
 
 def test_tf32_switch_is_restored():
