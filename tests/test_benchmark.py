@@ -81,3 +81,14 @@ def test_gpu_check_dry_run_writes_one_json_report(tmp_path):
     assert 0 < sampling["euler_bf16_vs_fp32"]["max_abs"] < 0.05 and sampling["dopri5_bf16_vs_fp32"]["mean_abs"] < 0.005
     train = result["training_imagenet256_xl4_24gb"]["train"]
     assert train["images_per_s"] > 0 and train["peak_memory_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_sampling_memory_model_predicts_whole_runs(capsys):
+    """Calibrated at 32 px, the model of pixelflow.sampling_memory predicts whole Test/2 runs at 64 px."""
+    checks = estimate_memory.validate_sampling("Test/2")
+    assert len(checks) == 4 and all(abs(c["relative_error"]) < 0.1 for c in checks), checks
+    result = estimate_memory.main(["--sampling", "--batch", "16", "100", "--method", "dopri5"])
+    rows = {(r["precision"], r["batch"]): r for r in result["estimates"]}
+    assert rows["bf16", 16]["fits_24gb"] and not rows["bf16", 100]["fits_24gb"] and rows["bf16", 100]["fits_40gb"]
+    assert rows["fp32", 16]["peak_allocated"] > rows["bf16", 16]["peak_allocated"]
