@@ -149,7 +149,7 @@ def _eval(c: list[float], depth: int, x: int) -> float:
 
 
 def predict(cal: dict, model: str, image_size: int, micro_batch: int, ema: bool, num_classes: int = 1000,
-            grid_chunk: int = 16) -> dict:
+            grid_chunk: int | None = 16) -> dict:
     """Peak bytes of one optimizer step of ``model`` at full depth from the fitted coefficients ``cal``."""
     depth, patch = PIXELFLOW_CONFIGS[model]["depth"], PIXELFLOW_CONFIGS[model]["patch_size"]
     p = param_count(model, num_classes=num_classes)
@@ -163,7 +163,7 @@ def predict(cal: dict, model: str, image_size: int, micro_batch: int, ema: bool,
     # weights already in S (pixelflow.sampling_memory's model less the 4P it counts for them).
     with torch.device("meta"):
         net = build_model(model, num_classes=num_classes)
-    grid = sampling_peak_bytes(net, image_size, grid_chunk, "euler", "bf16") - 4 * p
+    grid = sampling_peak_bytes(net, image_size, grid_chunk, "euler", "bf16") - 4 * p if grid_chunk else 0.0
     phases = {"forward": fwd, "backward": bwd, "optimizer": opt, "sample_grid": grid}
     peak = static + max(phases.values())
     return {"params": p, "tokens": total, "tokens_last_stage": last, "static": static, "forward": fwd,
@@ -188,7 +188,7 @@ def validate(model: str, precision: str, ckpt: bool, ema: bool, micro_batches: l
     cal = fit(measure_runs(model, precision, ckpt, ema, small, num_classes=num_classes))
     checks = []
     for micro_batch in micro_batches:
-        predicted = predict(cal, model, image_size, micro_batch, ema, num_classes)
+        predicted = predict(cal, model, image_size, micro_batch, ema, num_classes, grid_chunk=None)  # a step, no grid
         measured = measure(model, depth, image_size, micro_batch, precision, ckpt, ema, num_classes)
         actual = measured["static"] + max(measured["forward"], measured["backward"], measured["optimizer"])
         checks.append({
