@@ -1,5 +1,5 @@
 # The two commands of the README. Both create .venv and install pinned dependencies if needed.
-.PHONY: train test lint setup
+.PHONY: train test lint setup gpu-wheels
 
 setup:
 	@bash scripts/setup_env.sh
@@ -14,3 +14,11 @@ test:                   ## the full test suite, slow tests included (what CI run
 
 lint: setup
 	.venv/bin/python -m ruff check .
+
+# Pure-Python wheels the GPU image lacks, for scripts/gpu_check.sh (installed there with --no-index --no-deps).
+# wandb and gradio are left out: the check does not import them (and gradio alone pulls dozens of packages).
+GPU_WHEELS = hydra-core==1.3.8 omegaconf==2.3.1 torch-fidelity==0.4.0 webdataset==1.0.2 braceexpand==0.1.7
+gpu-wheels:
+	mkdir -p carry
+	.venv/bin/python -m pip download -q --no-deps --only-binary=:all: -d carry $(GPU_WHEELS)
+	.venv/bin/python -m pip wheel -q --no-deps -w carry antlr4-python3-runtime==4.9.3  # sdist only on PyPI

@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> None:
     classes = list(cfg.classes) if cfg.classes is not None else None
     try:
         generate(loaded, SamplerConfig(**sampler_cfg), cfg.out_dir, cfg.num_samples, cfg.batch_size, cfg.seed,
-                 classes, cfg.save_png, fabric)
+                 classes, cfg.save_png, fabric, cfg.precision, cfg.device_memory_gib)
     except ValueError as err:
         sys.exit(f"error: {err}")
 

@@ -11,8 +11,10 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from pixelflow.checkpoint import ema_export_name, export_released_format
+from pixelflow.generate import sample_seed
 from pixelflow.images import save_grid
-from pixelflow.samplers import CascadeSampler, SamplerConfig, to_uint8
+from pixelflow.precision import sampling_precision
+from pixelflow.samplers import CascadeNoise, CascadeSampler, SamplerConfig, to_uint8
 
 __all__ = ["SampleGrid", "ExportWeights", "log_grid"]
 
@@ -22,12 +24,19 @@ class SampleGrid(L.Callback):
 
     Rows are classes ``classes`` (default: the first ``num_classes`` up to 10), columns are
     ``per_class`` seeds; the seed and labels never change, so grids are comparable across steps.
+    Images are sampled ``chunk_size`` at a time (bounding the memory taken on top of training)
+    in ``precision`` (:mod:`pixelflow.precision`; auto = bf16 on CUDA); each image's noise comes
+    from its own seed, so the grid does not depend on ``chunk_size``.
     """
 
     def __init__(self, out_dir: str, every_n_steps: int = 500, per_class: int = 8, classes: list[int] | None = None,
-                 seed: int = 0, steps: int = 10, cfg: float = 2.0, method: str = "euler", upscale: int = 2):
+                 seed: int = 0, steps: int = 10, cfg: float = 2.0, method: str = "euler", upscale: int = 2,
+                 chunk_size: int = 16, precision: str = "auto"):
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.out_dir, self.every_n_steps, self.per_class = Path(out_dir), every_n_steps, per_class
         self.classes, self.seed, self.upscale = classes, seed, upscale
+        self.chunk_size, self.precision = chunk_size, precision
         self.config = SamplerConfig(method=method, steps=steps, cfg=cfg)
         self._last_step, self._last_path = -1, None
 
@@ -38,13 +47,24 @@ class SampleGrid(L.Callback):
         labels = torch.tensor(classes).repeat_interleave(self.per_class)
         was_training = model.training
         model.eval()
-        sampler = CascadeSampler(model, pl_module.schedule, self.config)
-        images = sampler.sample(labels, generator=torch.Generator(pl_module.device).manual_seed(self.seed)).images
+        images = self.sample(model, pl_module.schedule, labels, pl_module.device)
         model.train(was_training)
-        path = save_grid(to_uint8(images), self.out_dir / f"{name}.png", nrow=self.per_class, upscale=self.upscale)
+        path = save_grid(images, self.out_dir / f"{name}.png", nrow=self.per_class, upscale=self.upscale)
         print(f"[pixelflow] sample grid: {path}")
         log_grid(pl_module.loggers, path, pl_module.global_step)
         return path
+
+    def sample(self, model: torch.nn.Module, schedule, labels: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """uint8 NHWC images for ``labels``, ``chunk_size`` at a time; image i's noise from seed (seed, i)."""
+        sampler = CascadeSampler(model, schedule, self.config)
+        doubled = self.config.method == "dopri5"
+        chunks = []
+        for index in torch.arange(len(labels)).split(self.chunk_size):
+            seeds = [sample_seed(self.seed, i) for i in index.tolist()]
+            noise = CascadeNoise.per_sample(schedule, seeds, model.in_channels, doubled, device=device)
+            with sampling_precision(self.precision, device):
+                chunks.append(to_uint8(sampler.sample(labels[index], noise=noise).images))
+        return torch.cat(chunks)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         step = trainer.global_step

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pixelflow.checkpoint import RELEASED_URL, CheckpointError, LoadedModel, load_pixelflow
+from pixelflow.precision import resolve_precision, sampling_precision
 from pixelflow.samplers import CascadeSampler, SamplerConfig, to_uint8
 
 __all__ = ["DemoInputError", "GenerationRequest", "Generation", "DemoModel", "resolve_path", "resolve_class_names",
@@ -135,10 +136,11 @@ def _number(field: str, value: Any, lo: float, hi: float, whole: bool = False) -
 class DemoModel:
     """A loaded model plus what the page needs: class names, the stage sizes, validation and generation."""
 
-    def __init__(self, loaded: LoadedModel, device: str = "cpu", max_images: int = 4):
+    def __init__(self, loaded: LoadedModel, device: str = "cpu", max_images: int = 4, precision: str = "auto"):
         if not isinstance(max_images, int) or max_images < 1:
             raise ValueError(f"max_images must be a positive integer, got {max_images!r}")
         self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.model = loaded.model.to(self.device).eval()
         self.schedule = loaded.schedule
         self.source = loaded.source
@@ -148,7 +150,7 @@ class DemoModel:
 
     @classmethod
     def load(cls, ckpt: str | Path, config: str | Path | None = None, device: str = "auto", max_images: int = 4,
-             allow_download: bool = False, ema: float | None = None) -> DemoModel:
+             allow_download: bool = False, ema: float | None = None, precision: str = "auto") -> DemoModel:
         """Load ``ckpt`` (see :func:`load_pixelflow`, ``ema`` picks an EMA rate); ``device="auto"`` picks CUDA when available."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -158,7 +160,7 @@ class DemoModel:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from err
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} was asked for but CUDA is not available; use device=cpu or device=auto")
-        return cls(load_pixelflow(ckpt, config, allow_download=allow_download, ema=ema), str(dev), max_images)
+        return cls(load_pixelflow(ckpt, config, allow_download=allow_download, ema=ema), str(dev), max_images, precision)
 
     @property
     def stage_sides(self) -> list[int]:
@@ -207,7 +209,8 @@ class DemoModel:
         sampler = CascadeSampler(self.model, self.schedule, config)
         generator = torch.Generator(device=self.device).manual_seed(request.seed)
         labels = torch.full((request.num_images,), request.class_index, dtype=torch.long, device=self.device)
-        out = sampler.sample(labels, generator=generator, on_step=on_step)
+        with sampling_precision(self.precision, self.device):
+            out = sampler.sample(labels, generator=generator, on_step=on_step)
         side = self.schedule.image_size
         per_stage = [_to_pil(F.interpolate(x.float(), size=(side, side), mode="nearest")) for x in out.stage_finals]
         return Generation(request=request, images=_to_pil(out.images.float()),

@@ -131,7 +131,7 @@ def build_demo(cfg: Mapping[str, Any]) -> gr.Blocks:
         try:
             dm = DemoModel.load(str(cfg["ckpt"]) if hub else path, resolve_path(cfg["config"]) if cfg.get("config") else None,
                                 cfg["device"], _positive_int(cfg, "max_images"), bool(cfg.get("allow_download", False)),
-                                cfg.get("ema"))
+                                cfg.get("ema"), cfg.get("precision", "auto"))
         except CheckpointError as err:
             problem = checkpoint_help(cfg["ckpt"] if hub else path, str(err))
     if dm is None:

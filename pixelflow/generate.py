@@ -20,9 +20,11 @@ from tqdm.auto import tqdm
 
 from pixelflow.checkpoint import LoadedModel
 from pixelflow.images import save_adm_npz, save_grid, save_pngs
+from pixelflow.precision import resolve_precision, sampling_precision
 from pixelflow.samplers import CascadeNoise, CascadeSampler, SamplerConfig, to_uint8
+from pixelflow.sampling_memory import check_sampling_fits
 
-__all__ = ["balanced_labels", "sample_seed", "generate", "assemble"]
+__all__ = ["balanced_labels", "sample_seed", "generate", "assemble", "device_memory_bytes"]
 
 SHARD_DIR = "shards"
 
@@ -56,26 +58,53 @@ def _write_shard(shard_dir: Path, indices: torch.Tensor, images: torch.Tensor, l
 
 
 def assemble(out_dir: Path, num_samples: int, settings: dict) -> Path:
-    """Merge shards into ``samples.npz``; fail loudly on gaps or duplicates."""
+    """Merge shards into ``samples.npz``; fail loudly on gaps or duplicates.
+
+    Shards are streamed into place in a memory-mapped array (one shard in RAM at a time), which
+    ``np.savez`` then copies into the archive in chunks: never more than one copy of the images.
+    """
     shards = sorted((out_dir / SHARD_DIR).glob("shard_*.npz"))
-    indices, images, labels = [], [], []
+    indices = []
     for shard in shards:
         with np.load(shard, allow_pickle=False) as data:
             indices.append(data["indices"])
-            images.append(data["images"])
-            labels.append(data["labels"])
     index = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
     unique = np.unique(index)
     if len(unique) != len(index) or not np.array_equal(unique, np.arange(num_samples)):
         raise RuntimeError(f"shards in {out_dir / SHARD_DIR} hold {len(index)} samples ({len(unique)} unique) "
                            f"instead of indices 0..{num_samples - 1}; rerun sample.py to fill the gaps")
-    order = np.argsort(index)
-    return save_adm_npz(out_dir / "samples.npz", np.concatenate(images)[order], np.concatenate(labels)[order], settings)
+    with np.load(shards[0], allow_pickle=False) as data:
+        shape = data["images"].shape[1:]
+    staging = out_dir / SHARD_DIR / "assembling.npy"
+    images = np.lib.format.open_memmap(staging, mode="w+", dtype=np.uint8, shape=(num_samples, *shape))
+    labels = np.empty(num_samples, dtype=np.int64)
+    for shard, shard_index in zip(shards, indices):
+        with np.load(shard, allow_pickle=False) as data:
+            images[shard_index] = data["images"]
+            labels[shard_index] = data["labels"]
+    try:
+        return save_adm_npz(out_dir / "samples.npz", images, labels, settings)
+    finally:
+        del images
+        staging.unlink()
+
+
+def device_memory_bytes(device: torch.device, override_gib: float | None = None) -> float | None:
+    """Memory to size batches against: ``override_gib`` if given, else a CUDA device's total, else None."""
+    if override_gib is not None:
+        return override_gib * 2**30
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
 def generate(loaded: LoadedModel, config: SamplerConfig, out_dir: str | Path, num_samples: int, batch_size: int,
-             seed: int = 0, classes: list[int] | None = None, save_png: bool = True, fabric: Fabric | None = None) -> Path:
-    """Generate ``num_samples`` images into ``out_dir`` (shards, PNGs, grid, samples.npz); resumable."""
+             seed: int = 0, classes: list[int] | None = None, save_png: bool = True, fabric: Fabric | None = None,
+             precision: str = "auto", device_memory_gib: float | None = None) -> Path:
+    """Generate ``num_samples`` images into ``out_dir`` (shards, PNGs, grid, samples.npz); resumable.
+
+    ``precision``: see :mod:`pixelflow.precision`. A batch the memory model
+    (:mod:`pixelflow.sampling_memory`) says will not fit the device (``device_memory_gib``, default a
+    CUDA device's total memory; unchecked on CPU) is refused before any work.
+    """
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
     model, schedule = loaded.model, loaded.schedule
@@ -84,6 +113,11 @@ def generate(loaded: LoadedModel, config: SamplerConfig, out_dir: str | Path, nu
         raise ValueError(f"classes must be ids in [0, {model.num_classes - 1}], got {classes}")
     config.validate(schedule.num_stages)
     fabric = fabric or Fabric(accelerator="auto", devices=1)
+    precision = resolve_precision(precision, fabric.device)
+    device_bytes = device_memory_bytes(fabric.device, device_memory_gib)
+    if device_bytes is not None:
+        check_sampling_fits(model, schedule.image_size, min(batch_size, num_samples), config.method, precision,
+                            device_bytes, guided=config.cfg > 1)
     out_dir = Path(out_dir)
     shard_dir = out_dir / SHARD_DIR
     if fabric.is_global_zero:
@@ -101,18 +135,24 @@ def generate(loaded: LoadedModel, config: SamplerConfig, out_dir: str | Path, nu
     model = model.to(fabric.device).eval()
     sampler = CascadeSampler(model, schedule, config)
     doubled = config.method == "dopri5"
-    for indices in tqdm(batches, desc="sampling", unit="batch", disable=not fabric.is_global_zero):
+    # tqdm's rate and ETA are in images (this rank's), so they read as images/s and time to finish.
+    progress = tqdm(total=sum(len(b) for b in batches), desc=f"sampling ({precision})", unit="img",
+                    disable=not fabric.is_global_zero)
+    for indices in batches:
         noise = CascadeNoise.per_sample(schedule, [sample_seed(seed, i) for i in indices.tolist()], model.in_channels,
                                         doubled, device=fabric.device)
         batch_labels = labels[indices]
-        images = to_uint8(sampler.sample(batch_labels, noise=noise).images)
+        with sampling_precision(precision, fabric.device):
+            images = to_uint8(sampler.sample(batch_labels, noise=noise).images)
         _write_shard(shard_dir, indices, images, batch_labels)
         if save_png:
             save_pngs(images, batch_labels, indices, out_dir / "images")
+        progress.update(len(indices))
+    progress.close()
     fabric.barrier()
 
     settings = {"sampler": asdict(config), "seed": seed, "num_samples": num_samples, "classes": classes,
-                "checkpoint": loaded.source, "image_size": schedule.image_size}
+                "checkpoint": loaded.source, "image_size": schedule.image_size, "precision": precision}
     if fabric.is_global_zero:
         path = assemble(out_dir, num_samples, settings)
         (out_dir / "sampling.json").write_text(json.dumps(settings, indent=2))

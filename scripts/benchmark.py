@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pixelflow.cascade import CascadeSchedule  # noqa: E402
 from pixelflow.model import PixelFlowTransformer, build_model  # noqa: E402
 from pixelflow.objective import cascade_loss  # noqa: E402
+from pixelflow.precision import PRECISIONS, resolve_precision, sampling_precision  # noqa: E402
 from pixelflow.samplers import CascadeSampler, SamplerConfig  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) used for MFU; override with --peak-tflops.
@@ -212,10 +213,11 @@ def sampling_report(model: PixelFlowTransformer, schedule: CascadeSchedule, args
                     device: torch.device) -> dict:
     sampler = CascadeSampler(model.eval(), schedule, SamplerConfig(method="euler", steps=args.sample_steps, cfg=args.cfg))
     labels = torch.arange(args.sample_batch, device=device) % args.num_classes
-    with autocast(device, args.precision):
+    with sampling_precision(args.sample_precision, device):
         seconds = timed(lambda: sampler.sample(labels, generator=torch.Generator(device).manual_seed(0)), device, 1)
     model.train()
     return {"images_per_s": args.sample_batch / seconds, "seconds_per_batch": seconds, "batch": args.sample_batch,
+            "precision": resolve_precision(args.sample_precision, device),
             "steps_per_stage": args.sample_steps, "cfg": args.cfg, "model_calls": args.sample_steps * args.num_stages}
 
 
@@ -300,6 +302,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-batch", type=int, default=4, help="0 skips the sampling benchmark")
     p.add_argument("--sample-steps", type=int, default=2, help="Euler steps per stage")
     p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--sample-precision", choices=PRECISIONS, default="auto",
+                   help="sampling precision (pixelflow/precision.py): auto = bf16 on CUDA, fp32 elsewhere")
     p.add_argument("--no-padding", dest="padding", action="store_false", help="skip the padded-batch comparison")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: table by GPU name)")
     p.add_argument("--assumed-mfu", type=float, nargs="+", default=[0.3, 0.4, 0.5], help="for --device meta estimates")

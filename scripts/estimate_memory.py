@@ -22,7 +22,12 @@ Method (bytes; P = parameter count, L = depth):
   :class:`TensorMemoryTracker` counts live tensor bytes (the CPU analogue of
   torch.cuda.max_memory_allocated). CPU and CUDA autocast cast the same ops and both run flash
   attention (memory linear in tokens), so the per-token bytes carry over to a GPU.
-- peak = S + max(F, B, k_opt 4P); the budget adds the CUDA context and allocator slack.
+    sample grid        G   the SampleGrid callback's bf16 sampling of one chunk (pixelflow.sampling_memory)
+- peak = S + max(F, B, k_opt 4P, G); the budget adds the CUDA context and allocator slack.
+
+Sampling (``--sampling``): pixelflow/sampling_memory.py's model (the refusal in sample.py uses it),
+per batch, method and precision; ``--calibrate`` refits its coefficients by the same instrumented
+CPU forwards (XL/4 width, depth 2 and 3) and checks it against whole Test/2 sampling runs.
 
 ``--validate`` runs the same calibration on a small model, predicts its full depth at twice the
 image size and a larger micro-batch, and compares with a measured step.
@@ -46,12 +51,15 @@ from benchmark import TensorMemoryTracker, autocast, stage_tokens  # noqa: E402
 from pixelflow.cascade import CascadeSchedule  # noqa: E402
 from pixelflow.model import PIXELFLOW_CONFIGS, build_model  # noqa: E402
 from pixelflow.objective import cascade_loss  # noqa: E402
-
-GIB = 2**30
-# Outside the allocator's count: CUDA context + kernels (~0.5-0.6 GiB on Hopper/Ada with torch 2.x)
-# and the caching allocator's fragmentation (reserved above allocated, typically 5-10%).
-CUDA_CONTEXT_BYTES = 0.6 * GIB
-ALLOCATOR_SLACK = 0.10
+from pixelflow.precision import sampling_precision  # noqa: E402
+from pixelflow.samplers import CascadeNoise, CascadeSampler, SamplerConfig  # noqa: E402
+from pixelflow.sampling_memory import (  # noqa: E402
+    ALLOCATOR_SLACK,
+    CUDA_CONTEXT_BYTES,
+    GIB,
+    sampling_budget_bytes,
+    sampling_peak_bytes,
+)
 
 
 def tokens(image_size: int, micro_batch: int, patch: int, num_stages: int = 4) -> tuple[int, int]:
@@ -140,7 +148,8 @@ def _eval(c: list[float], depth: int, x: int) -> float:
     return c[0] + c[1] * depth + (c[2] + c[3] * depth) * x
 
 
-def predict(cal: dict, model: str, image_size: int, micro_batch: int, ema: bool, num_classes: int = 1000) -> dict:
+def predict(cal: dict, model: str, image_size: int, micro_batch: int, ema: bool, num_classes: int = 1000,
+            grid_chunk: int | None = 16) -> dict:
     """Peak bytes of one optimizer step of ``model`` at full depth from the fitted coefficients ``cal``."""
     depth, patch = PIXELFLOW_CONFIGS[model]["depth"], PIXELFLOW_CONFIGS[model]["patch_size"]
     p = param_count(model, num_classes=num_classes)
@@ -150,14 +159,20 @@ def predict(cal: dict, model: str, image_size: int, micro_batch: int, ema: bool,
     # Bound: everything kept for backward, every gradient, and one block's working set at once.
     bwd = retained + 4 * p + cal["working_set"][0] + cal["working_set"][1] * last
     opt = cal["k_opt"] * 4 * p
-    peak = static + max(fwd, bwd, opt)
+    # The SampleGrid callback between steps (gradients freed): bf16 Euler + CFG on grid_chunk images, its
+    # weights already in S (pixelflow.sampling_memory's model less the 4P it counts for them).
+    with torch.device("meta"):
+        net = build_model(model, num_classes=num_classes)
+    grid = sampling_peak_bytes(net, image_size, grid_chunk, "euler", "bf16") - 4 * p if grid_chunk else 0.0
+    phases = {"forward": fwd, "backward": bwd, "optimizer": opt, "sample_grid": grid}
+    peak = static + max(phases.values())
     return {"params": p, "tokens": total, "tokens_last_stage": last, "static": static, "forward": fwd,
-            "retained": retained, "backward": bwd, "optimizer": opt, "peak_allocated": peak,
-            "phase_at_peak": ["forward", "backward", "optimizer"][[fwd, bwd, opt].index(max(fwd, bwd, opt))],
+            "retained": retained, "backward": bwd, "optimizer": opt, "sample_grid": grid, "peak_allocated": peak,
+            "phase_at_peak": max(phases, key=phases.get),
             "budget": peak * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES}
 
 
-BYTE_KEYS = ("static", "forward", "retained", "backward", "optimizer", "peak_allocated", "budget")
+BYTE_KEYS = ("static", "forward", "retained", "backward", "optimizer", "sample_grid", "peak_allocated", "budget")
 
 
 def gib(report: dict) -> dict:
@@ -173,7 +188,7 @@ def validate(model: str, precision: str, ckpt: bool, ema: bool, micro_batches: l
     cal = fit(measure_runs(model, precision, ckpt, ema, small, num_classes=num_classes))
     checks = []
     for micro_batch in micro_batches:
-        predicted = predict(cal, model, image_size, micro_batch, ema, num_classes)
+        predicted = predict(cal, model, image_size, micro_batch, ema, num_classes, grid_chunk=None)  # a step, no grid
         measured = measure(model, depth, image_size, micro_batch, precision, ckpt, ema, num_classes)
         actual = measured["static"] + max(measured["forward"], measured["backward"], measured["optimizer"])
         checks.append({
@@ -184,6 +199,80 @@ def validate(model: str, precision: str, ckpt: bool, ema: bool, micro_batches: l
             **{f"{phase}_predicted_vs_measured": [round(predicted[phase]), measured[phase]]
                for phase in ("forward", "retained", "backward")}})
     return checks
+
+
+# ---- sampling: the coefficients of pixelflow.sampling_memory --------------------------------------------
+def measure_sampling_forward(model: str, depth: int, image_size: int, batch: int, precision: str,
+                             num_classes: int = 1000) -> dict:
+    """One guided velocity call at the full size on CPU (no_grad): its high-water above the weights."""
+    torch.manual_seed(0)
+    net = build_model(model, num_classes=num_classes, depth=depth).eval()
+    sampler = CascadeSampler(net, CascadeSchedule(image_size=image_size), SamplerConfig(cfg=2.0))
+    x, labels = torch.randn(batch, 3, image_size, image_size), torch.zeros(batch, dtype=torch.long)
+    tracker = TensorMemoryTracker()
+    tracker.track(*net.parameters(), x, labels)
+    static = tracker.current
+    with torch.no_grad(), tracker, sampling_precision(precision, "cpu"):
+        sampler.velocity(x, torch.tensor([900.0]), labels, 2.0)
+    return {"depth": depth, "width": net.hidden_size, "precision": precision,
+            "X": 2 * batch * (image_size // net.patch_size) ** 2, "forward": tracker.peak - static}
+
+
+def fit_sampling(model: str, precision: str, image_size: int = 64, batches: tuple[int, int] = (1, 2),
+                 num_classes: int = 1000) -> tuple[list, list]:
+    """(c0, c1, a0, a1) of F = (c0 + c1 L) D^2 + (a0 + a1 L) D X from depth 2, 3 x two batches; and the runs.
+
+    Depth 1 is left out: its single block reads the embedded tokens, so one hidden state fewer is live."""
+    runs = [measure_sampling_forward(model, d, image_size, b, precision, num_classes) for d in (2, 3) for b in batches]
+    width = runs[0]["width"]
+    c = _solve([(r["depth"], r["X"]) for r in runs], [r["forward"] for r in runs])
+    return [c[0] / width**2, c[1] / width**2, c[2] / width, c[3] / width], runs
+
+
+def measure_sampling_run(model: str, image_size: int, batch: int, method: str, precision: str,
+                         coefficients: dict | None = None) -> dict:
+    """Peak live bytes of a whole sampling run (noise, integrator, guided forwards) vs the library's estimate
+    (with ``coefficients`` fitted for this model's width; default: the library's, fitted at XL/4's)."""
+    torch.manual_seed(0)
+    net = build_model(model, num_classes=10).eval()
+    with torch.no_grad():
+        for p in net.parameters():  # the published init zeroes the output: a random net exercises the integrator
+            p.normal_(0, 0.05)
+    schedule = CascadeSchedule(image_size=image_size)
+    sampler = CascadeSampler(net, schedule, SamplerConfig(method=method, steps=2, cfg=2.0))
+    labels = torch.arange(batch) % 10
+    tracker = TensorMemoryTracker()
+    tracker.track(*net.parameters(), labels)
+    with torch.no_grad(), tracker, sampling_precision(precision, "cpu"):
+        noise = CascadeNoise.draw(schedule, batch, 3, method == "dopri5", torch.Generator().manual_seed(0))
+        sampler.sample(labels, noise=noise)
+    predicted = sampling_peak_bytes(net, image_size, batch, method, precision, coefficients=coefficients)
+    return {"model": model, "image_size": image_size, "batch": batch, "method": method, "precision": precision,
+            "measured_peak_bytes": tracker.peak, "predicted_peak_bytes": round(predicted),
+            "relative_error": predicted / tracker.peak - 1}
+
+
+def validate_sampling(model: str = "Test/2", methods: tuple[str, ...] = ("euler", "dopri5")) -> list[dict]:
+    """Calibrate ``model``'s width at 32 px, predict whole runs at 64 px and batch 4 (the state factors were
+    read off batch 8) and measure them."""
+    coefficients = {p: fit_sampling(model, p, image_size=32, num_classes=10)[0] for p in ("fp32", "bf16")}
+    return [measure_sampling_run(model, 64, 4, m, p, coefficients) for m in methods for p in ("fp32", "bf16")]
+
+
+def sampling_estimates(model: str, image_size: int, batches: list[int], methods: list[str]) -> list[dict]:
+    """Peak and budget (GiB) of sampling ``model`` per batch, method and precision, from the library's model."""
+    with torch.device("meta"):
+        net = build_model(model, num_classes=1000)
+    rows = []
+    for precision in ("bf16", "fp32"):
+        for method in methods:
+            for batch in batches:
+                peak = sampling_peak_bytes(net, image_size, batch, method, precision)
+                budget = sampling_budget_bytes(peak)
+                rows.append({"precision": precision, "method": method, "batch": batch, "peak_allocated": round(peak / GIB, 2),
+                             "budget": round(budget / GIB, 2),
+                             **{f"fits_{g}gb": budget <= g * 1e9 for g in (24, 40, 80)}})
+    return rows
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -200,6 +289,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--calibration", default=None, help="reuse calibration_runs from an earlier output JSON of this script")
     p.add_argument("--validate", action="store_true", help="check the method on --validate-model instead")
     p.add_argument("--validate-model", nargs="+", default=["Tiny/4", "S/4"])
+    p.add_argument("--sampling", action="store_true",
+                   help="sampling instead of training: --batch per method and precision (pixelflow.sampling_memory)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16, 32, 64, 100], help="--sampling batches")
+    p.add_argument("--method", nargs="+", default=["dopri5", "euler"], help="--sampling methods")
+    p.add_argument("--calibrate", action="store_true",
+                   help="with --sampling: refit the forward coefficients on CPU and check them on whole Test/2 runs")
     return p.parse_args(argv)
 
 
@@ -207,7 +302,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # checkpointing's use_reentrant notes etc.
-        if args.validate:
+        if args.sampling:
+            result = {"model": args.model, "image_size": args.image_size, "units": "GiB",
+                      "estimates": sampling_estimates(args.model, args.image_size, args.batch, args.method)}
+            if args.calibrate:
+                result["fitted_coefficients"] = {p: fit_sampling(args.model, p)[0] for p in ("fp32", "bf16")}
+                result["whole_runs"] = validate_sampling("Test/2")
+        elif args.validate:
             result = {"validation": [check for m in args.validate_model for ckpt in (False, True)
                                      for check in validate(m, args.precision, ckpt, args.ema, args.micro_batch)]}
         else:

@@ -2,7 +2,12 @@
 # Reproduce PixelFlow's class-conditional ImageNet 256x256 result (paper: FID 1.98, sFID 5.83, IS 282.1,
 # precision 0.81, recall 0.60): 50k samples with dopri5 and CFG 2.4, evaluated against ADM's reference batch.
 #
-#   scripts/reproduce_imagenet256.sh [CKPT_DIR] [REF_NPZ]
+#   scripts/reproduce_imagenet256.sh [--dry-run] [CKPT_DIR] [REF_NPZ] [HYDRA_OVERRIDE ...]
+#
+# The published protocol: Dopri5, CFG 2.4, balanced labels, 16 images per device and batch, bf16 autocast
+# + TF32 on GPU (precision=auto). Extra key=value arguments go to sample.py (devices=2, batch_size=8,
+# precision=fp32, ...). The plan (images, devices, batch, precision, estimated time) is printed first;
+# --dry-run prints it and exits without needing the inputs. A rerun resumes from the finished shards.
 #
 # Inputs (arguments win over environment variables, which win over the defaults):
 #   CKPT_DIR  / $PIXELFLOW_CKPT_DIR   released checkpoint folder with model.pt + config.yaml   [checkpoints/PixelFlow-Class2Image]
@@ -13,8 +18,17 @@
 # Missing inputs without DOWNLOAD=1 stop the script at once (exit 1) with what to download and where to put it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-CKPT_DIR="${1:-${PIXELFLOW_CKPT_DIR:-$ROOT/checkpoints/PixelFlow-Class2Image}}"
-REF="${2:-${ADM_REF:-$ROOT/data/VIRTUAL_imagenet256_labeled.npz}}"
+DRY_RUN=0; POSITIONAL=(); OVERRIDES=()
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    -*) echo "[reproduce] unknown option $arg (known: --dry-run)" >&2; exit 2 ;;
+    *=*) OVERRIDES+=("$arg") ;;
+    *) POSITIONAL+=("$arg") ;;
+  esac
+done
+CKPT_DIR="${POSITIONAL[0]:-${PIXELFLOW_CKPT_DIR:-$ROOT/checkpoints/PixelFlow-Class2Image}}"
+REF="${POSITIONAL[1]:-${ADM_REF:-$ROOT/data/VIRTUAL_imagenet256_labeled.npz}}"
 OUT_DIR="${OUT_DIR:-$ROOT/runs/reproduce_imagenet256}"
 NUM_SAMPLES="${NUM_SAMPLES:-50000}"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
@@ -29,6 +43,22 @@ fetch() {  # fetch URL DEST
   echo "[reproduce] downloading $1 -> $2"
   curl -fL --retry 3 -o "$2.part" "$1" && mv "$2.part" "$2"
 }
+
+override() {  # override KEY DEFAULT: the last KEY=value among the overrides, else DEFAULT
+  local value="$2" o
+  for o in ${OVERRIDES[@]+"${OVERRIDES[@]}"}; do [[ "$o" == "$1="* ]] && value="${o#*=}"; done
+  echo "$value"
+}
+DEVICES="$(override devices 1)"; BATCH="$(override batch_size 16)"; PRECISION="$(override precision auto)"
+print_plan() {
+  "$PYTHON" "$ROOT/scripts/sampling_plan.py" --num-samples "$NUM_SAMPLES" --devices "$DEVICES" --batch "$BATCH" \
+    --precision "$PRECISION" --out-dir "$OUT_DIR"
+}
+if (( DRY_RUN )); then
+  print_plan
+  echo "[reproduce] dry run: nothing sampled (inputs: $CKPT_DIR, $REF)"
+  exit 0
+fi
 
 missing=()
 [[ -f "$CKPT_DIR/model.pt" ]] || missing+=("checkpoint: $CKPT_DIR/model.pt")
@@ -61,7 +91,9 @@ if (( ${#missing[@]} )); then
   fi
 fi
 
-"$PYTHON" "$ROOT/sample.py" ckpt="$CKPT_DIR/model.pt" num_samples="$NUM_SAMPLES" sampler.method=dopri5 sampler.cfg=2.4 out_dir="$OUT_DIR"
+print_plan
+"$PYTHON" "$ROOT/sample.py" ckpt="$CKPT_DIR/model.pt" num_samples="$NUM_SAMPLES" sampler.method=dopri5 sampler.cfg=2.4 \
+  batch_size=16 precision=auto out_dir="$OUT_DIR" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
 "$PYTHON" "$ROOT/evaluate.py" samples="$OUT_DIR/samples.npz" ref="$REF" device="$DEVICE" \
   inception_weights="${INCEPTION_WEIGHTS:-null}" out="$OUT_DIR/metrics.json"
 "$PYTHON" - "$OUT_DIR/metrics.json" <<'EOF'

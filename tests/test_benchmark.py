@@ -63,3 +63,32 @@ def test_memory_estimate_matches_a_measured_step(capsys):
     for est in (small, large):  # weights + AdamW moments + EMA = 16 bytes/parameter, plus the fp32 input batch
         assert est["static"] == pytest.approx((16 * est["params"] + est["micro_batch"] * 3 * 32**2 * 4) / 2**30, abs=1e-3)
     assert large["retained"] > small["retained"] and large["fits"]
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_writes_one_json_report(tmp_path):
+    import subprocess
+
+    report = tmp_path / "gpu_check.json"
+    proc = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "--dry-run", str(report)], capture_output=True,
+                          text=True, timeout=600, env={**__import__("os").environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(report.read_text())
+    assert result["dry_run"] and result["gpu_tests"]["exit_code"] == 0 and "3 tests collected" in result["gpu_tests"]["summary"]
+    sampling = result["sampling"]
+    for key in ("euler_bf16", "euler_fp32", "dopri5_bf16", "dopri5_fp32"):
+        assert sampling[key]["seconds_per_image"] > 0 and sampling[key]["estimated_peak_gib"] > 0
+    assert 0 < sampling["euler_bf16_vs_fp32"]["max_abs"] < 0.05 and sampling["dopri5_bf16_vs_fp32"]["mean_abs"] < 0.005
+    train = result["training_imagenet256_xl4_24gb"]["train"]
+    assert train["images_per_s"] > 0 and train["peak_memory_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_sampling_memory_model_predicts_whole_runs(capsys):
+    """Calibrated at 32 px, the model of pixelflow.sampling_memory predicts whole Test/2 runs at 64 px."""
+    checks = estimate_memory.validate_sampling("Test/2")
+    assert len(checks) == 4 and all(abs(c["relative_error"]) < 0.1 for c in checks), checks
+    result = estimate_memory.main(["--sampling", "--batch", "16", "100", "--method", "dopri5"])
+    rows = {(r["precision"], r["batch"]): r for r in result["estimates"]}
+    assert rows["bf16", 16]["fits_24gb"] and not rows["bf16", 100]["fits_24gb"] and rows["bf16", 100]["fits_40gb"]
+    assert rows["fp32", 16]["peak_allocated"] > rows["bf16", 16]["peak_allocated"]

@@ -24,3 +24,26 @@ def test_sample_grids_go_to_the_logger_folder(tmp_path):
     logged = sorted((run_dir / "logs").glob("version_*/samples/*.png"))
     assert [p.name for p in logged] == ["step_0000002.png"]
     assert logged[0].read_bytes() == (run_dir / "samples" / "step_0000002.png").read_bytes()
+
+
+def test_chunked_grid_equals_an_unchunked_one(tiny_model, tiny_schedule):
+    """Each image's noise comes from its own seed, so chunking (memory) never changes the grid."""
+    import torch
+
+    from pixelflow.callbacks import SampleGrid
+
+    labels = torch.arange(5).repeat_interleave(2)
+    grids = [SampleGrid("unused", steps=2, chunk_size=c, precision="fp32").sample(tiny_model, tiny_schedule, labels, "cpu")
+             for c in (10, 3, 1)]
+    assert grids[0].shape == (10, 32, 32, 3)
+    assert torch.equal(grids[0], grids[1]) and torch.equal(grids[0], grids[2])
+    assert not torch.equal(grids[0][0], grids[0][1])  # same class, different seeds
+
+
+def test_chunk_size_must_be_positive():
+    import pytest
+
+    from pixelflow.callbacks import SampleGrid
+
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        SampleGrid("unused", chunk_size=0)

@@ -10,7 +10,7 @@ import torch
 
 from pixelflow.cascade import CascadeSchedule
 from pixelflow.checkpoint import export_released_format, load_pixelflow
-from pixelflow.generate import balanced_labels, generate
+from pixelflow.generate import assemble, balanced_labels, generate
 from pixelflow.samplers import SamplerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,3 +107,35 @@ def test_two_processes_give_the_same_samples_as_one(tmp_path, ckpt):
     a, b = (np.load(tmp_path / d / "samples.npz") for d in ("one", "two"))
     assert np.array_equal(a["arr_1"], b["arr_1"])
     assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1
+
+
+def test_a_batch_that_will_not_fit_is_refused_up_front_with_the_fix(tmp_path, ckpt):
+    loaded = load_pixelflow(ckpt)
+    with pytest.raises(ValueError, match=r"batch_size=64 .* use batch_size=\d+"):
+        generate(loaded, SamplerConfig(steps=1), tmp_path / "o", 64, batch_size=64, device_memory_gib=0.65)
+    assert not (tmp_path / "o" / "shards").exists() or not any((tmp_path / "o" / "shards").iterdir())
+
+
+def test_assemble_holds_at_most_one_copy_of_the_images(tmp_path):
+    """Shards are streamed into a memory map: traced (heap) memory stays far below the image bytes (50 MB here;
+    np.savez copies the map into the archive in 16 MiB chunks)."""
+    import tracemalloc
+
+    n, side = 1024, 128
+    rng = np.random.default_rng(0)
+    shard_dir = tmp_path / "shards"
+    shard_dir.mkdir()
+    order = rng.permutation(n)
+    for start in range(0, n, 32):  # shards hold scattered indices, as after a resume
+        idx = np.sort(order[start:start + 32])
+        np.savez(shard_dir / f"shard_{idx[0]:07d}.npz", indices=idx, labels=idx % 10,
+                 images=(idx[:, None, None, None] % 251 * np.ones((1, side, side, 3))).astype(np.uint8))
+    image_bytes = n * side * side * 3
+    tracemalloc.start()
+    path = assemble(tmp_path, n, {"k": 1})
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 0.5 * image_bytes  # the old concatenate + reorder held 2x the image bytes
+    data = np.load(path, allow_pickle=False)
+    assert np.array_equal(data["arr_0"][:, 0, 0, 0], np.arange(n) % 251) and data["arr_1"].tolist() == [i % 10 for i in range(n)]
+    assert not (shard_dir / "assembling.npy").exists()

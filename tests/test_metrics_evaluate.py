@@ -154,3 +154,18 @@ def test_feature_extraction_shows_a_progress_bar_with_rate_and_eta(capsys):
     err = capsys.readouterr().err
     assert result == 30 and seconds >= 0
     assert "Inception features (reference)" in err and "30/30" in err and "img/s" in err and "<00:00" in err
+
+
+def test_reproduce_dry_run_prints_the_published_plan_without_inputs(tmp_path):
+    env = {**os.environ, "PIXELFLOW_CKPT_DIR": str(tmp_path / "ckpt"), "ADM_REF": str(tmp_path / "ref.npz"),
+           "PYTHON": sys.executable}
+    script = str(ROOT / "scripts" / "reproduce_imagenet256.sh")
+    proc = subprocess.run(["bash", script, "--dry-run"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for needle in ("images      50000", "devices     1", "batch       16 per device", "-> bf16 on CUDA",
+                   "GiB per device (estimated", "h on 1 x RTX 4090 (estimated", "dry run: nothing sampled"):
+        assert needle in proc.stdout, needle
+    proc = subprocess.run(["bash", script, "--dry-run", "devices=2", "batch_size=8", "precision=fp32"], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert "devices     2" in proc.stdout and "batch       8 per device" in proc.stdout and "fp32 -> fp32" in proc.stdout
+    assert not (tmp_path / "ckpt").exists()

@@ -1,0 +1,94 @@
+"""Peak device memory of sampling, from calibrated accounting; refuses batches that will not fit.
+
+Method (the training estimate's, ``scripts/estimate_memory.py``; bytes, P = parameters, L = depth,
+D = width, X = rows x tokens of the largest forward: the last stage, 2B rows with guidance):
+
+    peak = 4P weights (fp32)
+         + F(L, X)  forward high-water of one guided velocity call above the weights:
+                    (c0 + c1 L) D^2 + (a0 + a1 L) D X   (autocast's cached bf16 weight copies; one
+                    block's working set per token, activations are not kept under no_grad)
+         + k x latent bytes (fp32, 3 channels at the final size) held by the integrator and the
+                    pre-drawn noise: Euler/Heun keep a few B-row latents, Dopri5 its 2B-row stages.
+
+The coefficients below are fitted by ``python scripts/estimate_memory.py --sampling`` from
+instrumented CPU forwards of XL/4 width at depth 1 and 2 (live-tensor bytes, the CPU analogue of
+``torch.cuda.max_memory_allocated``); the state factors k from full tiny-model sampling runs. The
+budget adds the CUDA context and allocator slack, as the training estimate does. Estimates, not
+measurements: ``scripts/gpu_check.sh`` measures them on a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["CUDA_CONTEXT_BYTES", "ALLOCATOR_SLACK", "FORWARD_COEFFICIENTS", "STATE_LATENTS", "sampling_peak_bytes",
+           "sampling_budget_bytes", "max_fitting_batch", "check_sampling_fits"]
+
+GIB = 2**30
+# Outside the allocator's count: CUDA context + kernels (~0.5-0.6 GiB with torch 2.x) and the caching
+# allocator's fragmentation (reserved above allocated, typically 5-10%).
+CUDA_CONTEXT_BYTES = 0.6 * GIB
+ALLOCATOR_SLACK = 0.10
+
+# (c0, c1, a0, a1) of F = (c0 + c1 L) D^2 + (a0 + a1 L) D X, per precision, fitted on CPU by
+# `python scripts/estimate_memory.py --sampling --calibrate` (XL/4 width, depth 2 and 3, 64 px, batch 1 and 2).
+# bf16: c1 = 24 bytes per D^2 per block are the cached bf16 copies of a block's 12 D^2 weights (its adaLN
+# stays fp32); a0 = 22 bytes per D per token is the working set of one block (MLP hidden 4D in bf16 ...).
+FORWARD_COEFFICIENTS: dict[str, tuple[float, float, float, float]] = {
+    "fp32": (0.667, -0.222, 47.53, 0.25),
+    "bf16": (4.98, 24.02, 22.28, 0.0),
+}
+# Full-size fp32 latents of B rows held besides the forward: the pre-drawn noise (~1.3 latents, doubled
+# for Dopri5), the state and its update (Heun: + its predictor); Dopri5 holds 2B-row tensors: y0, seven
+# stages, y1, the error estimate, interpolation coefficients and torchdiffeq's temporaries. Read off
+# whole Test/2 runs (64 px, batch 8: measured peak minus weights and forward, per latent); heun counted.
+STATE_LATENTS = {"euler": 5.0, "heun": 7.0, "dopri5": 56.0}
+
+
+def sampling_peak_bytes(model: torch.nn.Module, image_size: int, batch: int, method: str, precision: str,
+                        guided: bool = True, coefficients: dict | None = None, state: dict | None = None) -> float:
+    """Estimated peak allocated bytes of sampling ``batch`` images with ``model`` (any device, even meta)."""
+    if precision not in FORWARD_COEFFICIENTS:
+        raise ValueError(f"precision must be a resolved one of {tuple(FORWARD_COEFFICIENTS)}, got {precision!r}")
+    c0, c1, a0, a1 = (coefficients or FORWARD_COEFFICIENTS)[precision]
+    params = sum(p.numel() for p in model.parameters())
+    depth, width = len(model.transformer_blocks), model.hidden_size
+    rows = batch * (2 if guided or method == "dopri5" else 1)
+    x = rows * (image_size // model.patch_size) ** 2
+    forward = (c0 + c1 * depth) * width**2 + (a0 + a1 * depth) * width * x
+    latent = batch * model.in_channels * image_size**2 * 4
+    return 4 * params + forward + (state or STATE_LATENTS)[method] * latent
+
+
+def sampling_budget_bytes(peak: float) -> float:
+    """Device memory to reserve for an allocated peak: allocator slack plus the CUDA context."""
+    return peak * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_BYTES
+
+
+def max_fitting_batch(model: torch.nn.Module, image_size: int, method: str, precision: str, device_bytes: float,
+                      guided: bool = True) -> int:
+    """Largest batch whose budget fits ``device_bytes`` (0 if not even one image fits)."""
+    def fits(b: int) -> bool:
+        return sampling_budget_bytes(sampling_peak_bytes(model, image_size, b, method, precision, guided)) <= device_bytes
+
+    lo, hi = 0, 1  # fits(lo) (or lo = 0), and the search ends at the first hi that does not fit
+    while fits(hi):
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def check_sampling_fits(model: torch.nn.Module, image_size: int, batch: int, method: str, precision: str,
+                        device_bytes: float, guided: bool = True) -> float:
+    """Raise ValueError, naming the batch that fits, if ``batch`` will not fit ``device_bytes``; return the budget."""
+    budget = sampling_budget_bytes(sampling_peak_bytes(model, image_size, batch, method, precision, guided))
+    if budget > device_bytes:
+        best = max_fitting_batch(model, image_size, method, precision, device_bytes, guided)
+        fix = f"use batch_size={best}" if best else "no batch fits; use a larger device"
+        if precision == "fp32" and best < batch:
+            fix += " (or precision=bf16, which needs less)"
+        raise ValueError(f"batch_size={batch} at {image_size} px ({method}, {precision}) needs an estimated "
+                         f"{budget / GIB:.1f} GiB but the device has {device_bytes / GIB:.1f} GiB: {fix}")
+    return budget

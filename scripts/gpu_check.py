@@ -1,0 +1,90 @@
+"""The GPU measurements of scripts/gpu_check.sh, as one JSON object (``--dry-run``: tiny sizes on CPU).
+
+Sampling XL/4 (random weights, 256 px) with Euler 30 steps + CFG and with Dopri5, batch 16, bf16 and fp32:
+seconds per image and peak memory (torch.cuda.max_memory_allocated); bf16 vs fp32 pixel agreement on the same
+noise; then the imagenet256_xl4_24gb training figures from scripts/benchmark.py (3 steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import benchmark  # noqa: E402
+
+from pixelflow.cascade import CascadeSchedule  # noqa: E402
+from pixelflow.model import build_model  # noqa: E402
+from pixelflow.precision import sampling_precision  # noqa: E402
+from pixelflow.samplers import CascadeNoise, CascadeSampler, SamplerConfig  # noqa: E402
+from pixelflow.sampling_memory import sampling_peak_bytes  # noqa: E402
+
+
+def sampling_checks(model: str, image_size: int, batch: int, euler_steps: int, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    with torch.device(device):
+        net = build_model(model, num_classes=1000).eval()
+    with torch.no_grad():
+        for p in net.parameters():  # the published init zeroes the output: random weights exercise the integrator
+            p.normal_(0, 0.02)
+    schedule = CascadeSchedule(image_size=image_size)
+    labels = torch.arange(batch, device=device) % 1000
+    report, images = {}, {}
+    for method, config in (("euler", SamplerConfig(steps=euler_steps, cfg=4.0)), ("dopri5", SamplerConfig(method="dopri5", cfg=2.4))):
+        noise = CascadeNoise.draw(schedule, batch, 3, method == "dopri5", torch.Generator(device).manual_seed(0), device)
+        for precision in ("bf16", "fp32"):
+            sampler = CascadeSampler(net, schedule, config)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            start = time.perf_counter()
+            with sampling_precision(precision, device):
+                out = sampler.sample(labels, noise=noise)
+            benchmark.synchronize(device)
+            seconds = time.perf_counter() - start
+            images[method, precision] = out.images
+            report[f"{method}_{precision}"] = {
+                "seconds_per_image": seconds / batch, "model_calls_per_stage": out.nfe,
+                "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+                "estimated_peak_gib": sampling_peak_bytes(net, image_size, batch, method, precision) / 2**30}
+        diff = (images[method, "bf16"] - images[method, "fp32"]).abs()
+        report[f"{method}_bf16_vs_fp32"] = {"max_abs": diff.max().item(), "mean_abs": diff.mean().item(),
+                                            "units": "pixel values in [-1, 1]"}
+    return {"model": model, "image_size": image_size, "batch": batch, "euler_steps": euler_steps, **report}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--dry-run", action="store_true", help="Test/2 at 32 px on CPU: checks the script, measures nothing")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    if args.dry_run:
+        sample = sampling_checks("Test/2", 32, 2, 2, device)
+        train = benchmark.run(benchmark.parse_args(["--model", "Test/2", "--micro-batch", "4", "--steps", "1",
+                                                    "--sample-batch", "0", "--no-padding"]))
+    else:
+        sample = sampling_checks("XL/4", 256, 16, 30, device)
+        train = benchmark.run(benchmark.parse_args([
+            "--model", "XL/4", "--device", "cuda", "--micro-batch", "32", "--precision", "bf16-mixed",
+            "--grad-checkpointing", "--steps", "3", "--sample-batch", "0", "--no-padding"]))
+    result = {"dry_run": args.dry_run, "torch": torch.__version__,
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "sampling": sample,
+              "training_imagenet256_xl4_24gb": {k: train[k] for k in ("recipe", "train", "mfu")}}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()

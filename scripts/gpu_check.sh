@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One command on one GPU (<= 8 min on an H100/H200-class card), one JSON report:
+#   bash scripts/gpu_check.sh [--dry-run] [REPORT_JSON]        (default runs/gpu_check.json)
+# 1. installs the pure-Python wheels the GPU image lacks from carry/ (`make gpu-wheels` fills it here)
+#    with pip --no-index --no-deps (skipped when they import already);
+# 2. runs the gpu-marked tests (tests/test_gpu.py);
+# 3. scripts/gpu_check.py: XL/4 sampling (Euler 30 + CFG, Dopri5; batch 16; bf16 and fp32) s/image, peak
+#    memory, bf16 vs fp32 agreement, and the imagenet256_xl4_24gb training figures (3 steps).
+# --dry-run: nothing installed, the tests listed only, gpu_check.py at tiny sizes on CPU.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+DRY_RUN=0
+[[ "${1:-}" == "--dry-run" ]] && { DRY_RUN=1; shift; }
+REPORT="${1:-$ROOT/runs/gpu_check.json}"
+PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
+[[ -x "$PYTHON" ]] || PYTHON=python3   # the GPU image has no .venv
+DRY_FLAG=(); (( DRY_RUN )) && DRY_FLAG=(--dry-run)
+mkdir -p "$(dirname "$REPORT")"
+TMP="$(mktemp -d)"; trap 'rm -rf "$TMP"' EXIT
+cd "$ROOT"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+if (( ! DRY_RUN )) && ! "$PYTHON" -c "import hydra, omegaconf, torch_fidelity, webdataset" 2>/dev/null; then
+  ls "$ROOT"/carry/*.whl >/dev/null 2>&1 || { echo "[gpu_check] no wheels in carry/: run 'make gpu-wheels' first" >&2; exit 1; }
+  "$PYTHON" -m pip install -q --no-index --no-deps "$ROOT"/carry/*.whl
+fi
+
+if (( DRY_RUN )); then
+  timeout 120 "$PYTHON" -m pytest -q --collect-only tests/test_gpu.py > "$TMP/pytest.txt" 2>&1 && rc=0 || rc=$?
+else
+  timeout 300 "$PYTHON" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py > "$TMP/pytest.txt" 2>&1 && rc=0 || rc=$?
+fi
+"$PYTHON" scripts/gpu_check.py ${DRY_FLAG[@]+"${DRY_FLAG[@]}"} --out "$TMP/measure.json"
+"$PYTHON" - "$TMP/pytest.txt" "$rc" "$TMP/measure.json" "$REPORT" <<'PY'
+import datetime, json, sys
+log, rc, measured, report = open(sys.argv[1]).read(), int(sys.argv[2]), json.load(open(sys.argv[3])), sys.argv[4]
+summary = log.strip().splitlines()[-1] if log.strip() else ""
+out = {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+       "gpu_tests": {"exit_code": rc, "summary": summary, "log_tail": log[-4000:]}, **measured}
+json.dump(out, open(report, "w"), indent=2)
+print(f"[gpu_check] report: {report} (gpu tests: {summary})")
+PY

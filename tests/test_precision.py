@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from pixelflow.precision import resolve_precision, sampling_precision
+from pixelflow.samplers import CascadeNoise, CascadeSampler, SamplerConfig
+
+
+def test_auto_is_bf16_on_cuda_and_fp32_elsewhere():
+    assert resolve_precision("auto", "cuda") == "bf16"
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+
+
+def test_bad_precision_names_the_choices():
+    with pytest.raises(ValueError, match="one of .*fp32.*got 'fp16'"):
+        resolve_precision("fp16", "cpu")
+    with pytest.raises(ValueError, match="use precision=fp32"):
+        resolve_precision("bf16", "meta")
+
+
+def test_bf16_sampling_agrees_with_fp32_on_the_same_noise(tiny_model, tiny_schedule):
+    """bf16 autocast runs the network in bf16 (8 mantissa bits: ~0.4% per op) on the same noise and fp32 state.
+
+    Tolerance: pixel values in [-1, 1] within 0.05 at most and 0.005 on average over 4 stages x 4 Euler steps with
+    CFG 3 (measured: 0.015 and 0.0024; the fp32 path itself is golden-checked elsewhere)."""
+    sampler = CascadeSampler(tiny_model, tiny_schedule, SamplerConfig(steps=4, cfg=3.0))
+    labels = torch.arange(6) % 10
+    noise = CascadeNoise.draw(tiny_schedule, 6, 3, False, torch.Generator().manual_seed(0))
+    with sampling_precision("fp32", "cpu") as name:
+        assert name == "fp32" and not torch.is_autocast_enabled("cpu")
+        exact = sampler.sample(labels, noise=noise).images
+    with sampling_precision("bf16", "cpu") as name:
+        assert name == "bf16" and torch.is_autocast_enabled("cpu")
+        fast = sampler.sample(labels, noise=noise).images
+    assert fast.dtype == torch.float32  # the latent state stays fp32
+    diff = (fast - exact).abs()
+    assert 0 < diff.max() < 0.05 and diff.mean() < 0.005
+
+
+def test_tf32_switch_is_restored():
+    before = torch.backends.cuda.matmul.allow_tf32
+    with sampling_precision("bf16", "cpu"):
+        assert torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cuda.matmul.allow_tf32 == before
