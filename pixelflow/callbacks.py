@@ -11,7 +11,9 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from pixelflow.checkpoint import export_released_format
 from pixelflow.images import save_grid
+from pixelflow.lit_module import DivergenceError, nonfinite_tensors
 from pixelflow.samplers import CascadeSampler, SamplerConfig, to_uint8
+from pixelflow.sharding import gather_model
 
 __all__ = ["SampleGrid", "ExportWeights"]
 
@@ -57,12 +59,18 @@ class SampleGrid(L.Callback):
 
 
 class ExportWeights(L.Callback):
-    """At the end of training, write the EMA weights as ``model.pt`` + ``config.yaml`` (released layout)."""
+    """At the end of training, write the EMA weights as ``model.pt`` + ``config.yaml`` (released layout).
+
+    Under FSDP the full weights are gathered onto rank 0 first; non-finite weights are never written."""
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
 
-    @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        path = export_released_format(pl_module.sampling_model, pl_module.schedule, self.out_dir, pl_module.class_names)
+        model = gather_model(trainer, pl_module.sampling_model)  # collective under FSDP: every rank calls it
+        if not trainer.is_global_zero:
+            return
+        if bad := nonfinite_tensors(model.state_dict()):
+            raise DivergenceError(f"not exporting to {self.out_dir}: {len(bad)} tensor(s) hold NaN or inf (e.g. {bad[:3]})")
+        path = export_released_format(model, pl_module.schedule, self.out_dir, pl_module.class_names)
         print(f"[pixelflow] exported EMA weights: {path}")
