@@ -13,8 +13,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from pixelflow.checkpoint import ema_export_name, export_released_format
 from pixelflow.generate import sample_seed
 from pixelflow.images import save_grid
+from pixelflow.lit_module import DivergenceError, nonfinite_tensors
 from pixelflow.precision import sampling_precision
 from pixelflow.samplers import CascadeNoise, CascadeSampler, SamplerConfig, to_uint8
+from pixelflow.sharding import gather_model
 
 __all__ = ["SampleGrid", "ExportWeights", "log_grid"]
 
@@ -92,18 +94,22 @@ def log_grid(loggers: list[Logger], path: Path, step: int) -> None:
 
 class ExportWeights(L.Callback):
     """At the end of training, write the first EMA's weights as ``model.pt`` + ``config.yaml`` (released layout),
-    and every further EMA rate beside it as ``model_ema<rate>.pt``."""
+    and every further EMA rate beside it as ``model_ema<rate>.pt``.
+
+    Under FSDP the full weights are gathered onto rank 0 first; non-finite weights are never written."""
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
 
-    @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         decays = pl_module.ema_decays
-        path = export_released_format(pl_module.sampling_model, pl_module.schedule, self.out_dir, pl_module.class_names,
-                                      ema_decays=decays)
-        print(f"[pixelflow] exported EMA weights: {path}")
-        for decay in decays[1:]:
-            path = export_released_format(pl_module.ema_model(decay), pl_module.schedule, self.out_dir, pl_module.class_names,
-                                          ema_export_name(decay), decays)
-            print(f"[pixelflow] exported EMA {decay} weights: {path}")
+        rates = decays or [None]  # no EMA: export the live weights (sampling_model)
+        for i, decay in enumerate(rates):
+            model = gather_model(trainer, pl_module.ema_model(decay))  # collective under FSDP: every rank calls it
+            if not trainer.is_global_zero:
+                continue
+            if bad := nonfinite_tensors(model.state_dict()):
+                raise DivergenceError(f"not exporting to {self.out_dir}: {len(bad)} tensor(s) hold NaN or inf (e.g. {bad[:3]})")
+            name = "model.pt" if i == 0 else ema_export_name(decay)
+            path = export_released_format(model, pl_module.schedule, self.out_dir, pl_module.class_names, name, decays)
+            print(f"[pixelflow] exported EMA {decay} weights: {path}" if i else f"[pixelflow] exported EMA weights: {path}")

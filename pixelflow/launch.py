@@ -12,11 +12,15 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig
 
+from pixelflow.callbacks import SampleGrid
+from pixelflow.checkpoint import CheckpointError, load_pixelflow, model_kwargs
 from pixelflow.console import StepProgressBar, silence_lightning_tips
+from pixelflow.retention import newest_checkpoint
 
-__all__ = ["build_training", "run_training", "resume_checkpoint", "check_global_batch", "group_entries"]
+__all__ = ["build_training", "run_training", "resume_checkpoint", "check_global_batch", "group_entries", "init_from_weights"]
 
 # lightning 2.6 still builds torch's deprecated LeafSpec on every batch; nothing a user can act on.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
@@ -38,9 +42,36 @@ def check_global_batch(global_batch: int | None, micro_batch: int, accumulation:
 
 
 def resume_checkpoint(run_dir: str | Path) -> Path | None:
-    """``run_dir/checkpoints/last.ckpt`` if it exists (automatic resume), else None."""
-    last = Path(run_dir) / "checkpoints" / "last.ckpt"
-    return last if last.is_file() else None
+    """The newest readable checkpoint of ``run_dir`` by global step (last.ckpt, SLURM hpc_ckpt_*.ckpt,
+    periodic step_*.ckpt), or None when there is none. See :func:`pixelflow.retention.newest_checkpoint`."""
+    return newest_checkpoint(run_dir).path
+
+
+def init_from_weights(module: L.LightningModule, path: str | Path) -> str:
+    """Load the weights of ``path`` (a released/exported ``model.pt`` with its config.yaml, or a project
+    ``.ckpt``: its EMA weights) strictly into the live model and the EMA. Returns a line for the log."""
+    loaded = load_pixelflow(path)
+    want, got = model_kwargs(module.model), model_kwargs(loaded.model)
+    if want != got:
+        diff = ", ".join(f"{k}: file {got[k]} vs run {want[k]}" for k in want if want[k] != got.get(k))
+        raise CheckpointError(f"init_from={path} does not fit this run's model ({diff}). Pick the model config of the "
+                              "checkpoint (e.g. model=xl4) and a dataset with the same number of classes.")
+    module.init_weights(loaded.model.state_dict())
+    note = ""
+    if loaded.schedule != module.schedule:
+        note = f" (it was trained with {loaded.schedule}; this run uses {module.schedule})"
+    return f"initialised the model and its EMA from {path}{note}; fresh optimizer, step 0"
+
+
+def _fsdp_callbacks(trainer: L.Trainer) -> list[str]:
+    """Under FSDP, turn off what cannot drive a sharded model; return what was said about it."""
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return []
+    grids = [c for c in trainer.callbacks if isinstance(c, SampleGrid)]
+    for callback in grids:
+        trainer.callbacks.remove(callback)
+    return ["FSDP: the sample-grid callback is off (it samples on one rank from the whole model, which is sharded); "
+            "sample from export/model.pt or a checkpoint with sample.py"] if grids else []
 
 
 def _wandb_id(run_dir: Path) -> str:
@@ -103,14 +134,26 @@ def build_training(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, L.Lig
 def run_training(cfg: DictConfig) -> Path:
     """Train (resuming from the run directory when possible); return the run directory."""
     run_dir = Path(cfg.paths.run_dir)
-    ckpt = resume_checkpoint(run_dir)
-    if ckpt is not None and not cfg.resume:
-        raise FileExistsError(f"{run_dir} already holds a run ({ckpt}) and resume=false: starting over there would mix "
-                              "two runs. Pick another run_name=..., delete the directory, or set resume=true.")
+    choice = newest_checkpoint(run_dir)
+    ckpt = choice.path
+    if choice.found and not cfg.resume:
+        raise FileExistsError(f"{run_dir} already holds a run ({choice.found[0]}) and resume=false: starting over there would "
+                              "mix two runs. Pick another run_name=..., delete the directory, or set resume=true.")
+    if choice.found and ckpt is None:
+        raise CheckpointError(f"{run_dir} holds checkpoints but none is readable: {'; '.join(choice.notes)}. "
+                              "Move them away to start over in this directory, or pick another run_name=...")
     trainer, module, datamodule = build_training(cfg)
+    notes = [f"WARNING: {n}" if "unreadable" in n else n for n in choice.notes] + _fsdp_callbacks(trainer)
+    init_from = cfg.get("init_from")
+    if init_from and ckpt is not None:
+        notes.append(f"init_from={init_from} ignored: resuming this run from {ckpt} (its weights and optimizer)")
+    elif init_from:
+        notes.append(init_from_weights(module, init_from))
     if trainer.is_global_zero:
         print(f"[pixelflow] run directory: {run_dir}")
-        print(f"[pixelflow] {'resuming from ' + str(ckpt) if ckpt else 'starting a new run'}; "
+        for note in notes:
+            print(f"[pixelflow] {note}")
+        print(f"[pixelflow] {f'resuming from {ckpt} (step {choice.step})' if ckpt else 'starting a new run'}; "
               f"{sum(p.numel() for p in module.model.parameters()) / 1e6:.2f}M parameters")
     torch.set_float32_matmul_precision("high")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)

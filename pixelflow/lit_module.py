@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -11,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
 from pixelflow.cascade import CascadeSchedule
@@ -18,7 +20,16 @@ from pixelflow.checkpoint import model_kwargs
 from pixelflow.model import PixelFlowTransformer
 from pixelflow.objective import cascade_loss
 
-__all__ = ["PixelFlowLitModule"]
+__all__ = ["PixelFlowLitModule", "DivergenceError", "nonfinite_tensors"]
+
+
+class DivergenceError(RuntimeError):
+    """Training stopped: too many non-finite steps in a row, or weights about to be saved are not finite."""
+
+
+def nonfinite_tensors(named: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors in ``named`` holding a NaN or an infinity."""
+    return [k for k, v in named.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
 
 
 def lr_factor(step: int, warmup_steps: int, decay_start: int, total_steps: int) -> float:
@@ -43,6 +54,9 @@ class PixelFlowLitModule(L.LightningModule):
     Randomness (stages, t, noise, label dropout) comes from a generator seeded by
     (seed, optimizer step, micro-batch within the step, rank), so a resumed run draws
     exactly what an uninterrupted run would have drawn.
+
+    A non-finite loss or global gradient norm skips that optimizer step (no weight, moment or EMA
+    update; ``train/skipped_steps`` counts them); ``max_nonfinite_steps`` of them in a row stop the run.
     """
 
     def __init__(
@@ -58,6 +72,7 @@ class PixelFlowLitModule(L.LightningModule):
         label_dropout: float = 0.1,
         seed: int = 0,
         class_names: list[str] | None = None,
+        max_nonfinite_steps: int = 20,
     ):
         super().__init__()
         self.ema_decays = [float(d) for d in ema_decays or ()]
@@ -67,6 +82,8 @@ class PixelFlowLitModule(L.LightningModule):
             raise ValueError(f"need lr_warmup_steps >= 0 and lr_decay_fraction in [0, 1], got {lr_warmup_steps}, {lr_decay_fraction}")
         if not 0.0 <= label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
         self.model, self.schedule = model, schedule
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.lr_warmup_steps, self.lr_decay_fraction = lr_warmup_steps, lr_decay_fraction
@@ -74,6 +91,10 @@ class PixelFlowLitModule(L.LightningModule):
         self.emas = nn.ModuleList(AveragedModel(model, multi_avg_fn=partial(ema_update, decay=d)) for d in self.ema_decays)
         self.emas.requires_grad_(False)
         self._micro_batch = 0
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.skipped_steps = self._nonfinite_streak = 0  # non-finite steps: in total, and in a row now
+        self._loss_finite: torch.Tensor | None = None  # all micro-batch losses of this step finite (no host sync)
+        self._step_finite = True
 
     @property
     def sampling_model(self) -> PixelFlowTransformer:
@@ -96,6 +117,8 @@ class PixelFlowLitModule(L.LightningModule):
         images, labels = batch
         loss, per_stage = cascade_loss(self.model, self.schedule, images, labels, self._generator(), self.label_dropout)
         self._micro_batch += 1
+        finite = torch.isfinite(loss.detach())
+        self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.learning_rate(self.global_step))
         for k, value in per_stage.items():
@@ -120,8 +143,52 @@ class PixelFlowLitModule(L.LightningModule):
             group["lr"] = self.learning_rate(self.global_step)
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         self._micro_batch = 0
+        if not self._count_nonfinite():  # skipped step: the weights did not move, so neither do the EMAs
+            return
         for ema in self.emas:
             ema.update_parameters(self.model)
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip by the global gradient norm (under FSDP through the root module, which sees every shard) and drop
+        the gradients when the loss or that norm is not finite, so that the optimizer step changes nothing."""
+        root = self.trainer.strategy.model
+        by_value = bool(gradient_clip_val) and gradient_clip_algorithm == "value"
+        max_norm = float(gradient_clip_val) if gradient_clip_val and not by_value else math.inf
+        if isinstance(root, FullyShardedDataParallel):  # torch.nn.utils.clip_grad_norm_ would see only local shards
+            norm = root.clip_grad_norm_(max_norm)
+        else:
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        finite = torch.isfinite(norm) if self._loss_finite is None else torch.isfinite(norm) & self._loss_finite
+        self._step_finite = self.trainer.strategy.reduce_boolean_decision(bool(finite), all=True)
+        self._loss_finite = None
+        self.log("train/grad_norm", norm.float())
+        if not self._step_finite:
+            optimizer.zero_grad(set_to_none=True)  # AdamW skips parameters without a gradient: no update at all
+        elif by_value:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _count_nonfinite(self) -> bool:
+        """After an optimizer step: count a skipped one, stop after ``max_nonfinite_steps`` in a row; True if it stepped."""
+        finite, self._step_finite = self._step_finite, True
+        self._nonfinite_streak = 0 if finite else self._nonfinite_streak + 1
+        self.skipped_steps += not finite
+        self.log("train/skipped_steps", float(self.skipped_steps))
+        if not finite:
+            step = self.global_step  # Lightning counts the step after this hook
+            print(f"[pixelflow] step {step}: non-finite loss or gradient norm, optimizer step skipped "
+                  f"({self._nonfinite_streak} in a row, {self.skipped_steps} in total)")
+            if self._nonfinite_streak >= self.max_nonfinite_steps:
+                callback = self.trainer.checkpoint_callback
+                last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "") or self.trainer.ckpt_path
+                raise DivergenceError(
+                    f"stopping at step {step}: the loss or gradient norm was not finite in {self._nonfinite_streak} "
+                    f"optimizer steps in a row (steps {step - self._nonfinite_streak + 1}-{step}; module.max_nonfinite_steps="
+                    f"{self.max_nonfinite_steps}); those steps were skipped, so the weights are still finite. "
+                    f"Last good checkpoint: {last or 'none written yet'}. Lower module.lr or check the data, then "
+                    "resume (the newest checkpoint is picked up automatically).")
+        return finite
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW; its lr is set before every step by :meth:`learning_rate` (constant by default, as in the paper)."""
@@ -134,10 +201,24 @@ class PixelFlowLitModule(L.LightningModule):
             "class_names": self.class_names,
             "has_ema": bool(self.ema_decays),
             "ema_decays": self.ema_decays,  # state_dict keys emas.<i>.module.* hold rate ema_decays[i]
+            "nonfinite_steps": {"skipped": self.skipped_steps, "streak": self._nonfinite_streak},
         }
+        bad = nonfinite_tensors(checkpoint.get("state_dict", {}))
+        if bad:
+            raise DivergenceError(f"refusing to write a checkpoint at step {self.global_step}: {len(bad)} tensor(s) hold "
+                                  f"NaN or inf (e.g. {bad[:3]}); the last checkpoint on disk is unchanged")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Resume checkpoints written before several EMAs existed (one EMA under ``ema.``) as ``emas.0.``."""
+        """Restore the non-finite step counters; resume checkpoints written before several EMAs existed (one EMA
+        under ``ema.``) as ``emas.0.``."""
+        counts = checkpoint.get("pixelflow", {}).get("nonfinite_steps", {})
+        self.skipped_steps, self._nonfinite_streak = counts.get("skipped", 0), counts.get("streak", 0)
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("ema.")]:
             state["emas.0." + key[len("ema."):]] = state.pop(key)
+
+    def init_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Start training from ``state`` (a model state_dict): strict load into the live model and every EMA."""
+        self.model.load_state_dict(state, strict=True)
+        for ema in self.emas:
+            ema.module.load_state_dict(state, strict=True)
