@@ -49,7 +49,7 @@ def resume_checkpoint(run_dir: str | Path) -> Path | None:
 
 def init_from_weights(module: L.LightningModule, path: str | Path) -> str:
     """Load the weights of ``path`` (a released/exported ``model.pt`` with its config.yaml, or a project
-    ``.ckpt``: its EMA weights) strictly into the live model and the EMA. Returns a line for the log."""
+    ``.ckpt``: its EMA weights) strictly into the live model and every EMA. Returns a line for the log."""
     loaded = load_pixelflow(path)
     want, got = model_kwargs(module.model), model_kwargs(loaded.model)
     if want != got:
@@ -60,7 +60,7 @@ def init_from_weights(module: L.LightningModule, path: str | Path) -> str:
     note = ""
     if loaded.schedule != module.schedule:
         note = f" (it was trained with {loaded.schedule}; this run uses {module.schedule})"
-    return f"initialised the model and its EMA from {path}{note}; fresh optimizer, step 0"
+    return f"initialised the model and its EMAs from {path}{note}; fresh optimizer, step 0"
 
 
 def _fsdp_callbacks(trainer: L.Trainer) -> list[str]:
@@ -86,19 +86,21 @@ def _wandb_id(run_dir: Path) -> str:
 def group_entries(cfg: DictConfig, group: str) -> dict[str, DictConfig]:
     """The ``callbacks`` / ``logger`` entries to instantiate, each with a ``_target_``.
 
-    An entry without ``_target_`` is what an experiment's overrides leave behind when the chosen
-    group option does not define that entry: with the option ``none`` they are dropped (with a note);
-    with any other option that is a conflict, reported before any work.
+    The option ``none`` means none at all: whatever an experiment's overrides or a sub-group (e.g.
+    ``callbacks/evaluate``) still put there is dropped, with a note. Under any other option an entry
+    without ``_target_`` (settings for an entry the option does not define) is a conflict, reported
+    before any work.
     """
     entries = dict((cfg.get(group) or {}).items())
+    choice = HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
+    if choice == "none":
+        if entries:
+            print(f"[pixelflow] {group}=none: ignoring {', '.join(f'{group}.{name}' for name in sorted(entries))}")
+        return {}
     orphans = sorted(name for name, conf in entries.items() if not (isinstance(conf, DictConfig) and "_target_" in conf))
     if not orphans:
         return entries
-    choice = HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
     names = ", ".join(f"{group}.{name}" for name in orphans)
-    if choice == "none":
-        print(f"[pixelflow] {group}=none: ignoring the settings given for {names}")
-        return {name: conf for name, conf in entries.items() if name not in orphans}
     raise ValueError(f"{names} has no _target_: something (an experiment or a command-line override) sets options of "
                      f"{names} but the {group} option {choice!r} does not define it. Use a {group} option that defines "
                      f"it, {group}=none to drop them all, or remove it with ~{group}.{orphans[0]}.")

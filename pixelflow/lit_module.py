@@ -213,7 +213,7 @@ class PixelFlowLitModule(L.LightningModule):
         under ``ema.``) as ``emas.0.``."""
         counts = checkpoint.get("pixelflow", {}).get("nonfinite_steps", {})
         self.skipped_steps, self._nonfinite_streak = counts.get("skipped", 0), counts.get("streak", 0)
-        state = checkpoint["state_dict"]
+        state = checkpoint.get("state_dict", {})  # FSDP restores the weights itself
         for key in [k for k in state if k.startswith("ema.")]:
             state["emas.0." + key[len("ema."):]] = state.pop(key)
 

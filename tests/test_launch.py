@@ -79,8 +79,8 @@ def test_quickstart_without_callbacks_builds_a_trainer_without_them(tmp_path, ca
     cfg = compose_train("experiment=mnist_quickstart", "callbacks=none", "logger=none", "model=test",
                         f"paths.root_dir={tmp_path}")
     trainer, _, _ = build_training(cfg)
-    assert not [c for c in trainer.callbacks if type(c).__module__.startswith("pixelflow.callbacks")]
-    assert "callbacks=none: ignoring the settings given for callbacks.checkpoint, callbacks.sample_grid" in capsys.readouterr().out
+    assert not [c for c in trainer.callbacks if type(c).__module__.startswith(("pixelflow.callbacks", "pixelflow.eval_callback"))]
+    assert "callbacks=none: ignoring callbacks.checkpoint, callbacks.evaluate, callbacks.sample_grid" in capsys.readouterr().out
 
 
 def test_settings_for_a_callback_the_option_does_not_define_fail_at_start_up_naming_it(tmp_path):

@@ -269,11 +269,11 @@ def test_init_from_released_model_pt_and_project_ckpt(tmp_path, capsys):
         run_dir = tmp_path / f"tuned_{init.suffix[1:]}"
         capsys.readouterr()
         _train(run_dir, 2, f"init_from={init}", "module.lr=0.0")  # lr 0: the weights stay what was loaded
-        assert f"initialised the model and its EMA from {init}" in capsys.readouterr().out
+        assert f"initialised the model and its EMAs from {init}" in capsys.readouterr().out
         ckpt = _load(run_dir / "checkpoints" / "last.ckpt")
         for key, value in released.items():
             assert torch.equal(ckpt["state_dict"]["model." + key], value), key
-            assert torch.equal(ckpt["state_dict"]["ema.module." + key], value), key
+            assert torch.equal(ckpt["state_dict"]["emas.0.module." + key], value), key
         assert ckpt["optimizer_states"][0]["state"][0]["step"] == 2  # a fresh optimizer
     _train(run_dir, 3, f"init_from={init}")  # an existing run resumes; init_from is ignored, and says so
     assert "ignored: resuming this run from" in capsys.readouterr().out
@@ -327,7 +327,7 @@ def test_fsdp_optimizer_steps_match_ddp_with_clipping_ema_resume_and_export(tmp_
     # skipped step 1 moved neither.
     states = {s: _load(fsdp / "checkpoints" / f"step_{s:07d}.ckpt")["state_dict"] for s in (1, 2, 3)}
     for key in (k for k in states[1] if k.startswith("model.")):
-        ema_key = "ema.module." + key[len("model."):]
+        ema_key = "emas.0.module." + key[len("model."):]
         assert torch.equal(states[2][key], states[1][key]) and torch.equal(states[2][ema_key], states[1][ema_key])
         torch.testing.assert_close(states[1][ema_key], states[1][key], rtol=0, atol=0)
         torch.testing.assert_close(states[3][ema_key], states[1][ema_key].lerp(states[3][key], 0.5), rtol=0, atol=1e-7)
@@ -336,7 +336,7 @@ def test_fsdp_optimizer_steps_match_ddp_with_clipping_ema_resume_and_export(tmp_
     assert any(not torch.equal(states[3][k], states[1][k]) for k in states[1] if ".norm1.linear." in k)
     assert any(not torch.equal(states[3][k], states[1][k]) for k in states[1] if k.startswith("model.proj_out"))
     exported = load_pixelflow(fsdp / "export" / "model.pt").model.state_dict()
-    assert all(torch.equal(v, states[3]["ema.module." + k]) for k, v in exported.items())
+    assert all(torch.equal(v, states[3]["emas.0.module." + k]) for k, v in exported.items())
 
 
 def test_fsdp_clipping_goes_through_the_root_module(tmp_path, monkeypatch):
