@@ -34,6 +34,17 @@ def tiny_model():
 
 
 @pytest.fixture
+def t2i_model():
+    """The golden text-to-image layout (T2I-Test/2) with randomised weights, as ``tiny_model``."""
+    torch.manual_seed(0)
+    model = build_model("T2I-Test/2").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model
+
+
+@pytest.fixture
 def tiny_schedule():
     return CascadeSchedule(image_size=32, num_stages=4)
 

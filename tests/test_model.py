@@ -91,17 +91,8 @@ def test_t2i_released_size_loads_a_published_state_dict_strictly():
         model.load_state_dict(bad, strict=True, assign=True)
 
 
-def _t2i_model() -> PixelFlowTransformer:
-    torch.manual_seed(0)
-    model = build_model("T2I-Test/2").eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-    return model
-
-
-def test_t2i_masked_text_positions_do_not_matter_and_valid_ones_do():
-    model, x = _t2i_model(), torch.randn(2, 3, 8, 8)
+def test_t2i_masked_text_positions_do_not_matter_and_valid_ones_do(t2i_model):
+    model, x = t2i_model, torch.randn(2, 3, 8, 8)
     states, mask = torch.randn(2, 5, 24), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]])
     with torch.no_grad():
         out = model(x, 300.0, text_states=states, text_mask=mask)
@@ -114,8 +105,8 @@ def test_t2i_masked_text_positions_do_not_matter_and_valid_ones_do():
     assert (out2[0] - out[0]).abs().max() > 1e-3 and torch.equal(out2[1], out[1])
 
 
-def test_conditioning_mismatches_are_clear_errors():
-    t2i, x, t = _t2i_model(), torch.randn(1, 3, 8, 8), torch.tensor([1.0])
+def test_conditioning_mismatches_are_clear_errors(t2i_model):
+    t2i, x, t = t2i_model, torch.randn(1, 3, 8, 8), torch.tensor([1.0])
     with pytest.raises(ValueError, match="text-to-image model: pass text_states"):
         t2i(x, t, torch.tensor([1]))
     with pytest.raises(ValueError, match=r"text_states must be \(1, L, 24\)"):

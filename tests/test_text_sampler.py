@@ -8,16 +8,6 @@ from pixelflow.text import TextCondition
 from pixelflow.text_sampler import guided_velocity, sample_text_euler
 
 
-@pytest.fixture
-def t2i_model():
-    torch.manual_seed(0)
-    model = build_model("T2I-Test/2").eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-    return model
-
-
 def _text(batch: int = 2, length: int = 5) -> TextCondition:
     mask = torch.ones(2 * batch, length, dtype=torch.long)
     mask[:batch, 1:] = 0  # empty prompt: one valid token
