@@ -47,3 +47,36 @@ def test_chunk_size_must_be_positive():
 
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         SampleGrid("unused", chunk_size=0)
+
+
+def test_grid_chunking_bounds_the_rows_sampled_at_once(tiny_model, tiny_schedule, monkeypatch):
+    """The memory bound: no sampler call sees more than ``chunk_size`` images (the grid used to be one batch)."""
+    import torch
+
+    from pixelflow import callbacks
+
+    seen = []
+    original = callbacks.CascadeSampler.sample
+
+    def recording(self, labels, *args, **kwargs):
+        seen.append(len(labels))
+        return original(self, labels, *args, **kwargs)
+
+    monkeypatch.setattr(callbacks.CascadeSampler, "sample", recording)
+    callbacks.SampleGrid("unused", steps=1, chunk_size=3, precision="fp32").sample(
+        tiny_model, tiny_schedule, torch.arange(10), "cpu")
+    assert seen == [3, 3, 3, 1]
+
+
+def test_training_memory_estimate_includes_the_grid_chunk():
+    """The 24 GB recipe's estimate carries the sample grid's phase, and a larger chunk costs more."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from estimate_memory import predict
+
+    cal = {"forward": [0.0] * 4, "retained": [0.0] * 4, "working_set": [0.0, 0.0], "k_opt": 2.0}
+    small, large = (predict(cal, "XL/4", 256, 8, ema=True, grid_chunk=c) for c in (16, 64))
+    assert 0 < small["sample_grid"] < large["sample_grid"]
+    assert predict(cal, "XL/4", 256, 8, ema=True, grid_chunk=None)["sample_grid"] == 0
