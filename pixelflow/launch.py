@@ -20,7 +20,7 @@ from pixelflow.checkpoint import CheckpointError, load_pixelflow, model_kwargs
 from pixelflow.console import StepProgressBar, silence_lightning_tips
 from pixelflow.retention import newest_checkpoint
 
-__all__ = ["build_training", "run_training", "resume_checkpoint", "check_global_batch", "group_entries", "init_from_weights"]
+__all__ = ["build_training", "run_training", "check_global_batch", "group_entries", "init_from_weights"]
 
 # lightning 2.6 still builds torch's deprecated LeafSpec on every batch; nothing a user can act on.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
@@ -39,12 +39,6 @@ def check_global_batch(global_batch: int | None, micro_batch: int, accumulation:
             f"trainer.accumulate_grad_batches={max(1, global_batch // (micro_batch * world_size))}."
         )
     return actual
-
-
-def resume_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest readable checkpoint of ``run_dir`` by global step (last.ckpt, SLURM hpc_ckpt_*.ckpt,
-    periodic step_*.ckpt), or None when there is none. See :func:`pixelflow.retention.newest_checkpoint`."""
-    return newest_checkpoint(run_dir).path
 
 
 def init_from_weights(module: L.LightningModule, path: str | Path) -> str:
