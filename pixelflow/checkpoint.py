@@ -29,7 +29,7 @@ __all__ = ["LoadedModel", "CheckpointError", "load_pixelflow", "export_released_
            "ema_export_path"]
 
 _MODEL_KEYS = ("num_attention_heads", "attention_head_dim", "depth", "num_classes", "patch_size",
-               "in_channels", "out_channels", "attention_bias")
+               "in_channels", "out_channels", "attention_bias", "cross_attention_dim")
 RELEASED_URL = "https://huggingface.co/ShoufaChen/PixelFlow-Class2Image"
 HUB_PREFIX = "hf://"
 RELEASED_HUB = "hf://ShoufaChen/PixelFlow-Class2Image"
@@ -46,6 +46,7 @@ class LoadedModel:
     schedule: CascadeSchedule
     class_names: list[str] | None
     source: str
+    text_encoder: dict[str, Any] | None = None  # T2I: config.yaml's text_encoder (source, max_length), else None
 
 
 def model_kwargs(model: PixelFlowTransformer) -> dict[str, Any]:
@@ -55,7 +56,7 @@ def model_kwargs(model: PixelFlowTransformer) -> dict[str, Any]:
         depth=len(model.transformer_blocks), num_classes=model.num_classes, patch_size=model.patch_size,
         in_channels=model.in_channels, out_channels=model.out_channels,
         attention_bias=model.transformer_blocks[0].attn1.q_proj.bias is not None if model.transformer_blocks else True,
-    )
+    ) | ({"cross_attention_dim": model.cross_attention_dim} if model.cross_attention_dim else {})
 
 
 def _require_file(path: Path) -> None:
@@ -161,7 +162,7 @@ def _load_released(path: Path, config_path: Path | None) -> LoadedModel:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} is not a flat state_dict of tensors")
     names = cfg.get("class_names")
-    return LoadedModel(_build_and_load(state, kwargs, path), schedule, names, str(path))
+    return LoadedModel(_build_and_load(state, kwargs, path), schedule, names, str(path), cfg.get("text_encoder"))
 
 
 def _ema_prefix(meta: dict[str, Any], path: Path, ema: float | None) -> str:
@@ -225,9 +226,11 @@ def load_pixelflow(path: str | Path, config: str | Path | None = None, allow_dow
 
 def export_released_format(model: PixelFlowTransformer, schedule: CascadeSchedule, out_dir: str | Path,
                            class_names: list[str] | None = None, filename: str = "model.pt",
-                           ema_decays: list[float] | None = None) -> Path:
+                           ema_decays: list[float] | None = None, text_encoder: dict[str, Any] | None = None) -> Path:
     """Write ``filename`` and the same flat fp32 state_dict as ``<stem>.safetensors`` beside it, and ``config.yaml``,
-    in the released layout (plus the run's ``ema_decays``, the first of which is ``model.pt``)."""
+    in the released layout (plus the run's ``ema_decays``, the first of which is ``model.pt``, and a T2I model's
+    ``text_encoder``: its ``source`` (a folder, relative to ``out_dir`` or absolute, or a Hugging Face name) and
+    ``max_length``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -240,5 +243,7 @@ def export_released_format(model: PixelFlowTransformer, schedule: CascadeSchedul
         cfg["class_names"] = list(class_names)
     if ema_decays:
         cfg["ema_decays"] = [float(d) for d in ema_decays]
+    if text_encoder:
+        cfg["text_encoder"] = dict(text_encoder)
     OmegaConf.save(OmegaConf.create(cfg), out / "config.yaml")
     return out / filename

@@ -132,3 +132,13 @@ def test_hub_spec_not_in_cache_says_how_to_get_it_and_never_downloads(tmp_path, 
         load_pixelflow("hf://owner/pixelflow-test")
     with pytest.raises(CheckpointError, match="expected hf://owner/name"):
         load_pixelflow("hf://pixelflow-test")
+
+
+def test_t2i_export_round_trip_keeps_cross_attention_and_text_encoder(tmp_path, t2i_model):
+    spec = {"source": "text_encoder", "max_length": 16}
+    export_released_format(t2i_model, CascadeSchedule(image_size=32), tmp_path, text_encoder=spec)
+    loaded = load_pixelflow(tmp_path / "model.pt")
+    assert loaded.model.cross_attention_dim == t2i_model.cross_attention_dim and loaded.model.num_classes == 0
+    assert loaded.text_encoder == spec and loaded.class_names is None
+    for a, b in zip(t2i_model.state_dict().values(), loaded.model.state_dict().values()):
+        assert torch.equal(a, b)
