@@ -17,9 +17,8 @@ import torch
 from pixelflow.cascade import CascadeSchedule
 from pixelflow.golden import CheckResult, _err
 from pixelflow.model import PixelFlowTransformer, rope_2d
-from pixelflow.samplers import CascadeNoise
+from pixelflow.samplers import CascadeNoise, CascadeSampler, SamplerConfig
 from pixelflow.text import TextCondition
-from pixelflow.text_sampler import sample_text_euler
 
 __all__ = ["GoldenT2IFolder", "is_t2i_folder"]
 
@@ -64,8 +63,9 @@ class GoldenT2IFolder:
         text = TextCondition(torch.from_numpy(g["prompt_embeds"]), torch.from_numpy(g["attention_mask"]))
         stages = range(1, self.schedule.num_stages)
         noise = CascadeNoise(torch.from_numpy(g["init_noise"]), [torch.from_numpy(g[f"block_noise_stage{k}"]) for k in stages])
-        result = sample_text_euler(self.model, self.schedule, text, list(st["steps"]), float(st["shift"]),
-                                   float(st["guidance_scale"]), noise=noise)
+        config = SamplerConfig(method="euler", steps=list(st["steps"]), shift=float(st["shift"]),
+                               cfg=float(st["guidance_scale"]))
+        result = CascadeSampler(self.model, self.schedule, config).sample(text, noise=noise)
         rows = [CheckResult(f"t2i euler stage{k} final", "euler", _err(x, g[f"stage{k}_final"]))
                 for k, x in enumerate(result.stage_finals)]
         image01 = (result.images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)

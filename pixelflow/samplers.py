@@ -1,8 +1,10 @@
 """Cascade samplers: Euler (published default), Heun, Adams-Bashforth 2 and adaptive Dopri5 (torchdiffeq).
 
-All randomness is drawn up front into a :class:`CascadeNoise` (from a ``torch.Generator``)
-or supplied by the caller, so a seed fully determines the images and golden checks can
-inject the published draws.
+One sampler serves class-to-image and text-to-image models: what differs (the model's conditioning
+arguments, the unconditional branch and the stage-wise guidance rule) comes from the
+:class:`~pixelflow.conditioning.Conditioning` it is given. All randomness is drawn up front into a
+:class:`CascadeNoise` (from a ``torch.Generator``) or supplied by the caller, so a seed fully
+determines the images and golden checks can inject the published draws.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torchdiffeq import odeint
 
 from pixelflow.cascade import CascadeSchedule
+from pixelflow.conditioning import Conditioning, as_conditioning
 from pixelflow.integrators import STEPPERS
 
 __all__ = ["SamplerConfig", "CascadeNoise", "CascadeSampler", "euler_grid", "to_uint8"]
@@ -124,11 +127,12 @@ class SampleOutput:
 
 
 class CascadeSampler:
-    """Runs the whole cascade for a batch of class labels with stage-wise guidance.
+    """Runs the whole cascade for a batch of conditions (class labels or text) with guidance.
 
-    Where the guidance weight is exactly 1 (stage 0 under the published ramp, every stage at
-    ``cfg=1``, outside ``guidance_interval``) only the conditional branch runs:
-    v_u + 1 (v_c - v_u) is v_c, up to float rounding.
+    The stage weight is the condition's rule (class: the published ramp; text: ``cfg`` at every
+    stage); ``guidance_interval`` then limits it for either. Where the weight is exactly 1 (stage 0
+    under the class ramp, every stage at ``cfg=1``, outside ``guidance_interval``) only the
+    conditional branch runs: v_u + 1 (v_c - v_u) is v_c, up to float rounding.
     """
 
     def __init__(self, model: torch.nn.Module, schedule: CascadeSchedule, config: SamplerConfig):
@@ -144,17 +148,14 @@ class CascadeSampler:
         lo, hi = self.config.guidance_interval
         return stage_weight if lo <= timestep / (self.schedule.num_train_timesteps - 1) <= hi else 1.0
 
-    def velocity(self, x: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor, weight: float,
-                 both_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """v_u + w (v_c - v_u) from one batched forward over [null; class]; w == 1 runs v_c alone."""
+    def velocity(self, x: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, weight: float) -> torch.Tensor:
+        """v_u + w (v_c - v_u) from one batched forward over [uncond; cond] rows; w == 1 runs v_c alone."""
         batch = x.shape[0]
         if weight == 1.0:
             self.forward_rows += batch
-            return self.model(x, timestep.expand(batch), labels)
-        if both_labels is None:
-            both_labels = torch.cat([torch.full_like(labels, self.model.null_class), labels])
+            return self.model(x, timestep.expand(batch), **cond.cond_kwargs())
         self.forward_rows += 2 * batch
-        v_uncond, v_cond = self.model(torch.cat([x, x]), timestep.expand(2 * batch), both_labels).chunk(2)
+        v_uncond, v_cond = self.model(torch.cat([x, x]), timestep.expand(2 * batch), **cond.both_kwargs()).chunk(2)
         return v_uncond + weight * (v_cond - v_uncond)
 
     # ---- per-stage integrators ------------------------------------------------------
@@ -172,7 +173,7 @@ class CascadeSampler:
         t = euler_grid(n, self.config.shift)
         return t, self.schedule.stage_timestep(stage, t[:-1], _EULER_T_MAX).float()
 
-    def _fixed_grid_stage(self, x, stage, labels, both_labels, weight, on_step):
+    def _fixed_grid_stage(self, x, stage, cond, weight, on_step):
         t, timesteps = self.stage_grid(stage)
         # Everything per step is prepared here, on the host, once per stage.
         t32 = t.float()
@@ -184,17 +185,17 @@ class CascadeSampler:
         def velocity(y: torch.Tensor, n: int) -> torch.Tensor:
             nonlocal calls
             calls += 1
-            return self.velocity(y, timesteps[n], labels, weights[n], both_labels)
+            return self.velocity(y, timesteps[n], cond, weights[n])
 
         report = None if on_step is None else (lambda done, total: on_step(stage, done, total))
         x = STEPPERS[self.config.method](x, velocity, dts, report)
         return x, calls
 
-    def _dopri5_stage(self, state, stage, labels, both_labels, weight, on_step):
+    def _dopri5_stage(self, state, stage, cond, weight, on_step):
         """Adaptive Dopri5 on the CFG-doubled state, as published (torchdiffeq syncs for step control)."""
         table = self.schedule.timestep_tables[stage]
         t0, t_last = float(table[0]), float(table[-1])
-        batch, nfe = labels.shape[0], 0
+        batch, nfe = cond.batch, 0
         interval = self.config.guidance_interval is not None
 
         def rhs(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -202,7 +203,7 @@ class CascadeSampler:
             nfe += 1
             timestep = (t0 + t * (t_last - t0)).float().reshape(1)
             w = self._weight_at(weight, float(timestep)) if interval else weight
-            v = self.velocity(y[:batch], timestep, labels, w, both_labels)
+            v = self.velocity(y[:batch], timestep, cond, w)
             return torch.cat([v, v])
 
         grid = torch.tensor([0.0, 1.0], device=state.device)
@@ -215,22 +216,22 @@ class CascadeSampler:
     @torch.no_grad()
     def sample(
         self,
-        class_labels: torch.Tensor,
+        condition: Conditioning | torch.Tensor,
         generator: torch.Generator | None = None,
         noise: CascadeNoise | None = None,
         on_stage_end: Callable[[int, torch.Tensor], None] | None = None,
         on_step: Callable[[int, int, int], None] | None = None,
     ) -> SampleOutput:
-        """Generate images for ``class_labels`` (B,); draws come from ``noise`` or ``generator``."""
+        """Generate B images for ``condition``: class labels (B,) or a :class:`Conditioning` (e.g. a
+        :class:`~pixelflow.text.TextCondition`); draws come from ``noise`` or ``generator``."""
         device = next(self.model.parameters()).device
-        labels = class_labels.to(device)
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.model.num_classes):
-            raise ValueError(f"class labels must lie in [0, {self.model.num_classes - 1}], got {labels.tolist()}")
+        cond = as_conditioning(self.model, condition.to(device))
         doubled = self.config.method == "dopri5"
-        batch = labels.shape[0]
-        both_labels = torch.cat([torch.full_like(labels, self.model.null_class), labels])
+        batch = cond.batch
         if noise is None:
             noise = CascadeNoise.draw(self.schedule, batch, self.model.in_channels, doubled, generator, device)
+        if noise.init.shape[0] != batch:
+            raise ValueError(f"noise is for {noise.init.shape[0]} images but the condition for {batch}")
         x = noise.init.to(device)
         if doubled:
             x = torch.cat([x, x])
@@ -239,9 +240,9 @@ class CascadeSampler:
         for stage in range(self.schedule.num_stages):
             if stage:
                 x = self.schedule.transition(x, stage, noise.transitions[stage - 1].to(device))
-            weight = self.schedule.stage_cfg(self.config.cfg, stage)
+            weight = cond.stage_weight(self.config.cfg, stage, self.schedule)
             integrate = self._dopri5_stage if doubled else self._fixed_grid_stage
-            x, nfe = integrate(x, stage, labels, both_labels, weight, on_step)
+            x, nfe = integrate(x, stage, cond, weight, on_step)
             finals.append(x[:batch])
             nfes.append(nfe)
             if on_stage_end is not None:

@@ -1,8 +1,9 @@
 """Text conditioning for text-to-image models: prompts -> T5 states and masks.
 
 The network runs on [unconditional rows; conditional rows]; the unconditional branch encodes
-the empty prompt "" (as the published pipeline). :class:`TextCondition` is what the sampler
-(and later the training module and demo) receive; :class:`TextEncoder` makes one from prompts.
+the empty prompt "" (as the published pipeline). :class:`TextCondition` is the text
+:class:`pixelflow.conditioning.Conditioning` the sampler, training module and demo receive;
+:class:`TextEncoder` makes one from prompts.
 """
 
 from __future__ import annotations
@@ -43,6 +44,28 @@ class TextCondition:
     def cond(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(states, mask) of the conditional rows only (for guidance 1)."""
         return self.states[self.batch:], self.mask[self.batch:]
+
+    def cond_kwargs(self) -> dict[str, torch.Tensor]:
+        """Model keyword arguments for the B conditional rows."""
+        states, mask = self.cond()
+        return {"text_states": states, "text_mask": mask}
+
+    def both_kwargs(self) -> dict[str, torch.Tensor]:
+        """Model keyword arguments for all 2B rows, [uncond; cond]."""
+        return {"text_states": self.states, "text_mask": self.mask}
+
+    def stage_weight(self, cfg: float, stage: int, schedule: object) -> float:
+        """Published text guidance: the same weight ``cfg`` at every stage (no ramp)."""
+        return cfg
+
+    def check(self, model: nn.Module) -> None:
+        """Raise ValueError unless ``model`` is a text-to-image model of this text width."""
+        width = getattr(model, "cross_attention_dim", None)
+        if not width:
+            raise ValueError("this is a class-to-image model (no cross-attention): condition it on class labels, not text")
+        if self.states.shape[-1] != width:
+            raise ValueError(f"text states have width {self.states.shape[-1]} but the model's cross_attention_dim is "
+                             f"{width}: use the text encoder the model was trained with")
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TextCondition:
         return TextCondition(self.states.to(device, dtype), self.mask.to(device))

@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmark import TensorMemoryTracker, autocast, stage_tokens  # noqa: E402
 
 from pixelflow.cascade import CascadeSchedule  # noqa: E402
+from pixelflow.conditioning import ClassCondition  # noqa: E402
 from pixelflow.model import PIXELFLOW_CONFIGS, build_model  # noqa: E402
 from pixelflow.objective import cascade_loss  # noqa: E402
 from pixelflow.precision import sampling_precision  # noqa: E402
@@ -213,7 +214,7 @@ def measure_sampling_forward(model: str, depth: int, image_size: int, batch: int
     tracker.track(*net.parameters(), x, labels)
     static = tracker.current
     with torch.no_grad(), tracker, sampling_precision(precision, "cpu"):
-        sampler.velocity(x, torch.tensor([900.0]), labels, 2.0)
+        sampler.velocity(x, torch.tensor([900.0]), ClassCondition(labels, net.null_class), 2.0)
     return {"depth": depth, "width": net.hidden_size, "precision": precision,
             "X": 2 * batch * (image_size // net.patch_size) ** 2, "forward": tracker.peak - static}
 

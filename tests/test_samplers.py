@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from pixelflow.conditioning import ClassCondition
 from pixelflow.samplers import CascadeNoise, CascadeSampler, SamplerConfig, euler_grid, to_uint8
 
 
@@ -55,7 +56,7 @@ def test_guidance_formula(tiny_model, tiny_schedule):
     sampler = CascadeSampler(tiny_model, tiny_schedule, SamplerConfig(steps=1))
     v_u = tiny_model(x, t.expand(2), torch.full_like(y, 10))
     v_c = tiny_model(x, t.expand(2), y)
-    assert torch.allclose(sampler.velocity(x, t, y, 2.5), v_u + 2.5 * (v_c - v_u), atol=1e-5)
+    assert torch.allclose(sampler.velocity(x, t, ClassCondition(y, 10), 2.5), v_u + 2.5 * (v_c - v_u), atol=1e-5)
 
 
 def test_guidance_interval_skips_unconditional_outside(tiny_model, tiny_schedule):
@@ -101,11 +102,10 @@ def test_to_uint8():
 
 
 class _AlwaysBothBranches(CascadeSampler):
-    """The full computation: [null; class] forward and v_u + w (v_c - v_u) even where w == 1."""
+    """The full computation: [uncond; cond] forward and v_u + w (v_c - v_u) even where w == 1."""
 
-    def velocity(self, x, timestep, labels, weight, both_labels=None):
-        null = torch.full_like(labels, self.model.null_class)
-        v_u, v_c = self.model(torch.cat([x, x]), timestep.expand(2 * x.shape[0]), torch.cat([null, labels])).chunk(2)
+    def velocity(self, x, timestep, cond, weight):
+        v_u, v_c = self.model(torch.cat([x, x]), timestep.expand(2 * x.shape[0]), **cond.both_kwargs()).chunk(2)
         return v_u + weight * (v_c - v_u)
 
 
