@@ -8,6 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pixelflow.checkpoint import CheckpointError, load_pixelflow
 from pixelflow.generate import generate
+from pixelflow.prompts import prompt_set
 from pixelflow.samplers import SamplerConfig
 
 
@@ -24,9 +25,11 @@ def main(cfg: DictConfig) -> None:
     fabric.launch()
     classes = list(cfg.classes) if cfg.classes is not None else None
     try:
+        prompts = prompt_set(list(cfg.prompts) if OmegaConf.is_list(cfg.prompts) else cfg.prompts, cfg.prompts_file)
         generate(loaded, SamplerConfig(**sampler_cfg), cfg.out_dir, cfg.num_samples, cfg.batch_size, cfg.seed,
-                 classes, cfg.save_png, fabric, cfg.precision, cfg.device_memory_gib)
-    except ValueError as err:
+                 classes, cfg.save_png, fabric, cfg.precision, cfg.device_memory_gib, prompts, cfg.negative_prompt,
+                 cfg.text_encoder)
+    except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
 
 

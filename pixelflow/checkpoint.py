@@ -184,7 +184,8 @@ def _load_project(path: Path, ema: float | None = None) -> LoadedModel:
     prefix = _ema_prefix(meta, path, ema)
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     schedule = CascadeSchedule(**meta["schedule"])
-    return LoadedModel(_build_and_load(state, meta["model"], path), schedule, meta.get("class_names"), str(path))
+    return LoadedModel(_build_and_load(state, meta["model"], path), schedule, meta.get("class_names"), str(path),
+                       meta.get("text_encoder"))
 
 
 def ema_export_name(decay: float) -> str:

@@ -1,6 +1,7 @@
-"""Sample generation at any scale: balanced labels, one seed per sample index, resumable shards.
+"""Sample generation at any scale: balanced labels or prompts, one seed per sample index, resumable shards.
 
-Sample i gets label ``classes[i % len(classes)]`` and its own noise seed ``seed * 10**7 + i``,
+Sample i gets label ``classes[i % len(classes)]`` (text-to-image: prompt ``prompts[i % len(prompts)]``
+and that prompt's label, -1 without one) and its own noise seed ``seed * 10**7 + i``,
 so with Euler/Heun its image does not depend on batch size or device count. Every finished
 batch is written atomically as a shard; a restarted run skips finished indices, and the final
 ``samples.npz`` (ADM layout) is assembled only when all N indices are present exactly once.
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from pixelflow.checkpoint import LoadedModel
 from pixelflow.images import save_adm_npz, save_grid, save_pngs
 from pixelflow.precision import resolve_precision, sampling_precision
+from pixelflow.prompts import PromptSet, load_text_encoder
 from pixelflow.samplers import CascadeNoise, CascadeSampler, SamplerConfig, to_uint8
 from pixelflow.sampling_memory import check_sampling_fits
 
@@ -96,21 +98,42 @@ def device_memory_bytes(device: torch.device, override_gib: float | None = None)
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
+def _check_conditions(loaded: LoadedModel, classes: list[int] | None, prompts: PromptSet | None) -> list[int] | None:
+    """The class list of a class-to-image model (None for text); clear errors for the wrong kind of condition."""
+    model = loaded.model
+    if model.cross_attention_dim:
+        if prompts is None:
+            raise ValueError(f"{loaded.source} is a text-to-image checkpoint: pass prompts='[a handwritten seven,the digit 3]' "
+                             "or prompts_file=PATH (one prompt per line, optionally label<TAB>prompt)")
+        if classes is not None:
+            raise ValueError(f"{loaded.source} is a text-to-image checkpoint: it takes prompts, not classes=; "
+                             "put a target label in the prompts file (label<TAB>prompt) instead")
+        return None
+    if prompts is not None:
+        raise ValueError(f"{loaded.source} is a class-to-image checkpoint: it takes classes=, not prompts")
+    classes = list(range(model.num_classes)) if classes is None else [int(c) for c in classes]
+    if not classes or min(classes) < 0 or max(classes) >= model.num_classes:
+        raise ValueError(f"classes must be ids in [0, {model.num_classes - 1}], got {classes}")
+    return classes
+
+
 def generate(loaded: LoadedModel, config: SamplerConfig, out_dir: str | Path, num_samples: int, batch_size: int,
              seed: int = 0, classes: list[int] | None = None, save_png: bool = True, fabric: Fabric | None = None,
-             precision: str = "auto", device_memory_gib: float | None = None) -> Path:
+             precision: str = "auto", device_memory_gib: float | None = None, prompts: PromptSet | None = None,
+             negative_prompt: str = "", text_encoder: str | None = None) -> Path:
     """Generate ``num_samples`` images into ``out_dir`` (shards, PNGs, grid, samples.npz); resumable.
 
-    ``precision``: see :mod:`pixelflow.precision`. A batch the memory model
-    (:mod:`pixelflow.sampling_memory`) says will not fit the device (``device_memory_gib``, default a
-    CUDA device's total memory; unchecked on CPU) is refused before any work.
+    A text-to-image checkpoint takes ``prompts`` (cycled over the samples; the unconditional branch
+    encodes ``negative_prompt``) and encodes them with its config's text encoder, or ``text_encoder``
+    (a folder or Hugging Face name) if given. ``precision``: see :mod:`pixelflow.precision` (bf16 also
+    runs the text encoder in bf16). A batch the memory model (:mod:`pixelflow.sampling_memory`) says
+    will not fit the device (``device_memory_gib``, default a CUDA device's total memory; unchecked on
+    CPU) is refused before any work.
     """
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
     model, schedule = loaded.model, loaded.schedule
-    classes = list(range(model.num_classes)) if classes is None else [int(c) for c in classes]
-    if not classes or min(classes) < 0 or max(classes) >= model.num_classes:
-        raise ValueError(f"classes must be ids in [0, {model.num_classes - 1}], got {classes}")
+    classes = _check_conditions(loaded, classes, prompts)
     config.validate(schedule.num_stages)
     fabric = fabric or Fabric(accelerator="auto", devices=1)
     precision = resolve_precision(precision, fabric.device)
@@ -118,13 +141,15 @@ def generate(loaded: LoadedModel, config: SamplerConfig, out_dir: str | Path, nu
     if device_bytes is not None:
         check_sampling_fits(model, schedule.image_size, min(batch_size, num_samples), config.method, precision,
                             device_bytes, guided=config.cfg > 1)
+    encoder = None if prompts is None else load_text_encoder(
+        loaded, text_encoder, fabric.device, torch.bfloat16 if precision == "bf16" else torch.float32)
     out_dir = Path(out_dir)
     shard_dir = out_dir / SHARD_DIR
     if fabric.is_global_zero:
         shard_dir.mkdir(parents=True, exist_ok=True)
     fabric.barrier()
 
-    labels = balanced_labels(num_samples, classes)
+    labels = None if classes is None else balanced_labels(num_samples, classes)
     done = _finished_indices(shard_dir) if fabric.is_global_zero else set()
     done = fabric.broadcast(done, src=0)
     todo = torch.tensor(sorted(set(range(num_samples)) - done), dtype=torch.long)
@@ -141,9 +166,13 @@ def generate(loaded: LoadedModel, config: SamplerConfig, out_dir: str | Path, nu
     for indices in batches:
         noise = CascadeNoise.per_sample(schedule, [sample_seed(seed, i) for i in indices.tolist()], model.in_channels,
                                         doubled, device=fabric.device)
-        batch_labels = labels[indices]
+        if encoder is None:
+            batch_labels = condition = labels[indices]
+        else:
+            batch_prompts, batch_labels = prompts.for_indices(indices.tolist())
+            condition = encoder.condition(batch_prompts, negative_prompt).to(fabric.device, torch.float32)
         with sampling_precision(precision, fabric.device):
-            images = to_uint8(sampler.sample(batch_labels, noise=noise).images)
+            images = to_uint8(sampler.sample(condition, noise=noise).images)
         _write_shard(shard_dir, indices, images, batch_labels)
         if save_png:
             save_pngs(images, batch_labels, indices, out_dir / "images")
@@ -153,12 +182,16 @@ def generate(loaded: LoadedModel, config: SamplerConfig, out_dir: str | Path, nu
 
     settings = {"sampler": asdict(config), "seed": seed, "num_samples": num_samples, "classes": classes,
                 "checkpoint": loaded.source, "image_size": schedule.image_size, "precision": precision}
+    if prompts is not None:
+        settings |= {"prompts": list(prompts.prompts), "prompt_labels": list(prompts.labels),
+                     "negative_prompt": negative_prompt, "text_encoder": text_encoder or (loaded.text_encoder or {}).get("source")}
     if fabric.is_global_zero:
         path = assemble(out_dir, num_samples, settings)
         (out_dir / "sampling.json").write_text(json.dumps(settings, indent=2))
         with np.load(path, allow_pickle=False) as data:
             first = torch.from_numpy(data["arr_0"][: min(num_samples, 100)])
-        nrow = min(len(classes), 10) if num_samples >= min(len(classes), 10) else num_samples
+        kinds = len(classes) if classes is not None else len(prompts.prompts)
+        nrow = min(kinds, 10) if num_samples >= min(kinds, 10) else num_samples
         save_grid(first, out_dir / "grid.png", nrow=nrow, upscale=max(1, 128 // schedule.image_size))
         print(f"[pixelflow] wrote {num_samples} samples: {path}, grid {out_dir / 'grid.png'}")
     fabric.barrier()

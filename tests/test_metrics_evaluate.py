@@ -169,3 +169,20 @@ def test_reproduce_dry_run_prints_the_published_plan_without_inputs(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert "devices     2" in proc.stdout and "batch       8 per device" in proc.stdout and "fp32 -> fp32" in proc.stdout
     assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.slow
+def test_classifier_accuracy_scores_only_labelled_text_samples(tmp_path, eval_cache):
+    """Text-to-image samples carry -1 where their prompt had no target class; accuracy is over the labelled ones."""
+    images, labels = mnist_images("test")
+    wrong = (labels[:12] + 1) % 10
+    partial = np.where(np.arange(12) % 2 == 0, labels[:12], -1)  # the odd ones unlabelled
+    options = EvalOptions(cache_dir=str(eval_cache), classifier=True, inception=False)
+    ref = image_set_from_array(images[12:24], "ref", "0" * 64)
+    scored = evaluate(image_set_from_array(images[:12], "s", "1" * 64, partial), ref, options)
+    assert scored["metrics"]["classifier_accuracy"] >= 5 / 6
+    unlabelled_wrong = np.where(np.arange(12) % 2 == 0, labels[:12], wrong)  # wrong labels only on the odd ones
+    assert evaluate(image_set_from_array(images[:12], "w", "2" * 64, unlabelled_wrong), ref,
+                    options)["metrics"]["classifier_accuracy"] <= 7 / 12
+    none = evaluate(image_set_from_array(images[:12], "n", "3" * 64, np.full(12, -1)), ref, options)
+    assert "classifier_accuracy" not in none["metrics"] and "every sample label is -1" in none["unavailable"]["classifier_accuracy"]

@@ -148,10 +148,14 @@ def evaluate(samples: ImageSet, ref: ImageSet, opts: EvalOptions) -> dict[str, A
         if labels is None:
             unavailable["classifier_accuracy"] = ("the samples carry no labels (ADM npz key 'arr_1'); "
                                                   "only conditional samples have a target class")
-        elif labels.min() < 0 or labels.max() > 9:
+        elif labels.min() < -1 or labels.max() > 9:
             unavailable["classifier_accuracy"] = f"sample labels span {labels.min()}..{labels.max()}, not the 10 MNIST classes"
-        else:
-            metrics["classifier_accuracy"] = float((pred == labels).mean())
+        elif labels.max() < 0:
+            unavailable["classifier_accuracy"] = ("every sample label is -1 (no target class: text prompts without a "
+                                                  "label; give them as label<TAB>prompt in the prompts file)")
+        else:  # -1: a text-to-image sample whose prompt had no label; scored on the labelled ones
+            known = labels >= 0
+            metrics["classifier_accuracy"] = float((pred[known] == labels[known]).mean())
 
     protocol = {
         "num_samples": n_samples,
