@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -22,7 +23,9 @@ from PIL import Image
 
 from pixelflow.checkpoint import RELEASED_URL, CheckpointError, LoadedModel, load_pixelflow
 from pixelflow.precision import resolve_precision, sampling_precision
+from pixelflow.prompts import load_text_encoder
 from pixelflow.samplers import CascadeSampler, SamplerConfig, to_uint8
+from pixelflow.text import TextEncoder
 
 __all__ = ["DemoInputError", "GenerationRequest", "Generation", "DemoModel", "resolve_path", "resolve_class_names",
            "checkpoint_help", "upscale_nearest", "write_zip", "FIELDS", "RANGES"]
@@ -31,9 +34,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART_CKPT = REPO_ROOT / "runs" / "mnist_quickstart" / "checkpoints" / "last.ckpt"
 
 # Control labels (as in the published demo) and their allowed ranges, shared by the page and the validation.
-FIELDS = dict(class_value="Class", dopri5="Dopri5 ODE", shift="Noise Shift", cfg="Classifier-free Guidance Scale",
+FIELDS = dict(class_value="Class", prompt="Prompt", negative_prompt="Negative Prompt", dopri5="Dopri5 ODE",
+              shift="Noise Shift", cfg="Classifier-free Guidance Scale",
               steps="Num Inference Steps", seed="Seed", num_images="Number of Images")
 RANGES: dict[str, tuple[int, int]] = dict(shift=(1, 100), cfg=(1, 25), steps=(1, 100), seed=(0, 2**32 - 1))
+MAX_PROMPT_CHARS = 2000  # longer text is cut by the tokenizer anyway (max_length tokens)
 
 
 class DemoInputError(ValueError):
@@ -42,20 +47,25 @@ class DemoInputError(ValueError):
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One validated request."""
+    """One validated request: a class (class-to-image) or a prompt and negative prompt (text-to-image)."""
 
-    class_index: int
+    class_index: int | None
     dopri5: bool
     shift: float
     cfg: float
     steps: tuple[int, ...]
     seed: int
     num_images: int
+    prompt: str | None = None
+    negative_prompt: str | None = None
 
     @property
     def file_stem(self) -> str:
-        """File name prefix of the PNGs and the zip: the class and seed that reproduce them."""
-        return f"pixelflow_class{self.class_index}_seed{self.seed}"
+        """File name prefix of the PNGs and the zip: the class (or the prompt's first words) and the seed."""
+        if self.prompt is None:
+            return f"pixelflow_class{self.class_index}_seed{self.seed}"
+        words = "_".join(re.findall(r"[a-z0-9]+", self.prompt.lower()))[:40].strip("_") or "empty"
+        return f"pixelflow_{words}_seed{self.seed}"
 
 
 @dataclass
@@ -133,10 +143,22 @@ def _number(field: str, value: Any, lo: float, hi: float, whole: bool = False) -
     return value
 
 
-class DemoModel:
-    """A loaded model plus what the page needs: class names, the stage sizes, validation and generation."""
+def _text(field: str, value: Any) -> str:
+    """``value`` as a prompt string of at most :data:`MAX_PROMPT_CHARS`, else a :class:`DemoInputError`."""
+    if not isinstance(value, str) or len(value) > MAX_PROMPT_CHARS:
+        raise DemoInputError(f"{field} must be text of at most {MAX_PROMPT_CHARS} characters, got {str(value)[:80]!r}")
+    return value.strip()
 
-    def __init__(self, loaded: LoadedModel, device: str = "cpu", max_images: int = 4, precision: str = "auto"):
+
+class DemoModel:
+    """A loaded model plus what the page needs: class names (or a text encoder), the stage sizes, validation and generation.
+
+    A text-to-image checkpoint loads its text encoder (``text_encoder`` overrides the config's source; see
+    :func:`pixelflow.prompts.load_text_encoder`) on the same device, in bf16 when sampling in bf16.
+    """
+
+    def __init__(self, loaded: LoadedModel, device: str = "cpu", max_images: int = 4, precision: str = "auto",
+                 text_encoder: str | None = None):
         if not isinstance(max_images, int) or max_images < 1:
             raise ValueError(f"max_images must be a positive integer, got {max_images!r}")
         self.device = torch.device(device)
@@ -147,10 +169,23 @@ class DemoModel:
         self.max_images = max_images
         self.class_names = resolve_class_names(self.model.num_classes, loaded.class_names)
         self.class_labels = [n if n == str(i) else f"{i}: {n}" for i, n in enumerate(self.class_names)]
+        self.encoder: TextEncoder | None = None
+        if self.model.cross_attention_dim:
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+            try:
+                self.encoder = load_text_encoder(loaded, text_encoder, self.device, dtype)
+            except (FileNotFoundError, ValueError) as err:
+                raise CheckpointError(f"the text encoder of this text-to-image checkpoint could not be loaded: {err}") from err
+
+    @property
+    def is_text(self) -> bool:
+        """True for a text-to-image model (prompt boxes instead of the class dropdown)."""
+        return self.encoder is not None
 
     @classmethod
     def load(cls, ckpt: str | Path, config: str | Path | None = None, device: str = "auto", max_images: int = 4,
-             allow_download: bool = False, ema: float | None = None, precision: str = "auto") -> DemoModel:
+             allow_download: bool = False, ema: float | None = None, precision: str = "auto",
+             text_encoder: str | None = None) -> DemoModel:
         """Load ``ckpt`` (see :func:`load_pixelflow`, ``ema`` picks an EMA rate); ``device="auto"`` picks CUDA when available."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -160,7 +195,8 @@ class DemoModel:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from err
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} was asked for but CUDA is not available; use device=cpu or device=auto")
-        return cls(load_pixelflow(ckpt, config, allow_download=allow_download, ema=ema), str(dev), max_images, precision)
+        return cls(load_pixelflow(ckpt, config, allow_download=allow_download, ema=ema), str(dev), max_images, precision,
+                   text_encoder)
 
     @property
     def stage_sides(self) -> list[int]:
@@ -182,8 +218,19 @@ class DemoModel:
         return int(_number(FIELDS["class_value"], value, 0, n - 1, whole=True))
 
     def validate(self, class_value: Any, dopri5: Any, shift: Any, cfg: Any, steps: Sequence[Any], seed: Any,
-                 num_images: Any) -> GenerationRequest:
-        """Check every raw value (as the page or an API client sent it); raise :class:`DemoInputError` naming the field."""
+                 num_images: Any, prompt: Any = None, negative_prompt: Any = None) -> GenerationRequest:
+        """Check every raw value (as the page or an API client sent it); raise :class:`DemoInputError` naming the field.
+
+        A text-to-image model takes ``prompt`` (empty: an unconditional sample) and ``negative_prompt`` (what the
+        unconditional branch encodes; default empty, as published) and no class; a class-to-image model the reverse.
+        """
+        if self.is_text:
+            if class_value is not None:
+                raise DemoInputError(f"this is a text-to-image model: give a {FIELDS['prompt']}, not a {FIELDS['class_value']}")
+            prompt = _text(FIELDS["prompt"], prompt)
+            negative_prompt = _text(FIELDS["negative_prompt"], "" if negative_prompt is None else negative_prompt)
+        elif prompt is not None or negative_prompt is not None:
+            raise DemoInputError(f"this is a class-to-image model: give a {FIELDS['class_value']}, not a {FIELDS['prompt']}")
         if not isinstance(dopri5, bool):
             raise DemoInputError(f"{FIELDS['dopri5']} must be true or false, got {dopri5!r}")
         num_stages = self.schedule.num_stages
@@ -192,13 +239,15 @@ class DemoModel:
         lo, hi = RANGES["steps"]
         stage_steps = tuple(int(_number(f"{FIELDS['steps']} (stage {k + 1})", s, lo, hi, whole=True)) for k, s in enumerate(steps))
         return GenerationRequest(
-            class_index=self._class_index(class_value),
+            class_index=None if self.is_text else self._class_index(class_value),
             dopri5=dopri5,
             shift=float(_number(FIELDS["shift"], shift, *RANGES["shift"])),
             cfg=float(_number(FIELDS["cfg"], cfg, *RANGES["cfg"])),
             steps=stage_steps,
             seed=int(_number(FIELDS["seed"], seed, *RANGES["seed"], whole=True)),
             num_images=int(_number(FIELDS["num_images"], num_images, 1, self.max_images, whole=True)),
+            prompt=prompt,
+            negative_prompt=negative_prompt,
         )
 
     def generate(self, request: GenerationRequest, on_step: Callable[[int, int, int], None] | None = None) -> Generation:
@@ -208,9 +257,13 @@ class DemoModel:
                                shift=request.shift, cfg=request.cfg)
         sampler = CascadeSampler(self.model, self.schedule, config)
         generator = torch.Generator(device=self.device).manual_seed(request.seed)
-        labels = torch.full((request.num_images,), request.class_index, dtype=torch.long, device=self.device)
+        if self.encoder is None:
+            condition = torch.full((request.num_images,), request.class_index, dtype=torch.long, device=self.device)
+        else:
+            text = self.encoder.condition([request.prompt] * request.num_images, request.negative_prompt)
+            condition = text.to(self.device, torch.float32)
         with sampling_precision(self.precision, self.device):
-            out = sampler.sample(labels, generator=generator, on_step=on_step)
+            out = sampler.sample(condition, generator=generator, on_step=on_step)
         side = self.schedule.image_size
         per_stage = [_to_pil(F.interpolate(x.float(), size=(side, side), mode="nearest")) for x in out.stage_finals]
         return Generation(request=request, images=_to_pil(out.images.float()),

@@ -39,8 +39,16 @@ def _positive_int(cfg: Mapping[str, Any], key: str, hi: int | None = None) -> in
 
 def _header(dm: DemoModel) -> str:
     sides = " → ".join(f"{s} px" for s in dm.stage_sides)
+    if dm.is_text:
+        return (f"# PixelFlow: text-to-image in pixel space\n"
+                f"Model `{dm.source}` · prompts up to {dm.encoder.max_length} tokens · cascade {sides} · {dm.device.type}")
     return (f"# PixelFlow: class-to-image in pixel space\n"
             f"Model `{dm.source}` · {len(dm.class_names)} classes · cascade {sides} · {dm.device.type}")
+
+
+def _condition_names(dm: DemoModel) -> list[str]:
+    """The leading inputs: the class (class-to-image) or the prompt and negative prompt (text-to-image)."""
+    return ["prompt", "negative_prompt"] if dm.is_text else ["class_value"]
 
 
 def _prune(root: Path) -> None:
@@ -60,15 +68,19 @@ def _generate_handler(dm: DemoModel, display_size: int, zip_root: Path):
     Its signature is spelled out so API clients can pass values by name (``client.predict(seed=7, ...)``).
     """
     sides, num_stages = dm.stage_sides, len(dm.stage_sides)
-    names = ["class_value", "dopri5", "shift", "cfg", *(f"steps_{k + 1}" for k in range(num_stages)), "seed", "num_images"]
+    conditions = _condition_names(dm)
+    names = [*conditions, "dopri5", "shift", "cfg", *(f"steps_{k + 1}" for k in range(num_stages)), "seed", "num_images"]
 
     def generate(*args: Any) -> tuple[list, list, Any, str]:
         *values, progress = args  # gradio appends the request's Progress tracker (see the signature below)
         if len(values) != len(names):
             raise gr.Error(f"expected {len(names)} values ({', '.join(names)}), got {len(values)}", title="Invalid input")
-        class_value, dopri5, shift, cfg, *steps, seed, num_images = values
+        condition, (dopri5, shift, cfg, *steps, seed, num_images) = values[:len(conditions)], values[len(conditions):]
         try:
-            request = dm.validate(class_value, dopri5, shift, cfg, steps, seed, num_images)
+            if dm.is_text:
+                request = dm.validate(None, dopri5, shift, cfg, steps, seed, num_images, *condition)
+            else:
+                request = dm.validate(*condition, dopri5, shift, cfg, steps, seed, num_images)
         except DemoInputError as err:
             raise gr.Error(str(err), title="Invalid input", print_exception=False) from err
 
@@ -76,7 +88,12 @@ def _generate_handler(dm: DemoModel, display_size: int, zip_root: Path):
             progress((step, total), desc=f"Stage {stage + 1}/{num_stages} ({sides[stage]} px)", unit="steps")
 
         result = dm.generate(request, on_step)
-        label = dm.class_labels[request.class_index]
+        if dm.is_text:
+            short = request.prompt if len(request.prompt) <= 60 else request.prompt[:57] + "..."
+            label, subject = f"“{short}”", f"for prompt **“{short}”**"
+        else:
+            label = dm.class_labels[request.class_index]
+            subject = f"of class **{label}**"
         gallery = [(upscale_nearest(im, display_size), f"{label} · #{i}") for i, im in enumerate(result.images)]
         previews = [(upscale_nearest(im, display_size), f"#{i} · stage {k + 1} ({sides[k]} px)")
                     for i, stages in enumerate(result.stage_previews) for k, im in enumerate(stages)]
@@ -85,7 +102,7 @@ def _generate_handler(dm: DemoModel, display_size: int, zip_root: Path):
         folder.mkdir()
         zip_path = write_zip(result, folder / f"{request.file_stem}.zip", dm.source)
         method = "Dopri5" if request.dopri5 else f"Euler, steps {'/'.join(map(str, request.steps))}"
-        status = (f"{request.num_images} image(s) of class **{label}** · seed {request.seed} · {method} · "
+        status = (f"{request.num_images} image(s) {subject} · seed {request.seed} · {method} · "
                   f"CFG {request.cfg:g} · shift {request.shift:g} · {sum(result.nfe)} model calls · {result.seconds:.1f} s")
         download = gr.DownloadButton(f"Download {request.num_images} PNG(s) (zip)", value=str(zip_path), interactive=True)
         return gallery, previews, download, status
@@ -100,12 +117,20 @@ def _controls(dm: DemoModel, init: Mapping[str, Any]) -> list[gr.components.Comp
     """The published demo's controls plus the number of images, initialised from ``cfg.controls``."""
     steps_init = init["steps"]
     steps_init = [steps_init] * len(dm.stage_sides) if isinstance(steps_init, int) else list(steps_init)
+    condition = (None,) if dm.is_text else (init["class_index"],)
+    text = (init.get("prompt", ""), init.get("negative_prompt", "")) if dm.is_text else ()
     try:
-        req = dm.validate(init["class_index"], init["dopri5"], init["shift"], init["cfg"], steps_init, init["seed"], init["num_images"])
+        req = dm.validate(*condition, init["dopri5"], init["shift"], init["cfg"], steps_init, init["seed"], init["num_images"], *text)
     except DemoInputError as err:
         raise ValueError(f"demo config controls: {err}") from err
-    class_dd = gr.Dropdown(list(zip(dm.class_labels, range(len(dm.class_labels)))), value=req.class_index,
-                           label=FIELDS["class_value"], elem_id="class")
+    if dm.is_text:
+        conditions = [gr.Textbox(req.prompt, label=FIELDS["prompt"], placeholder="what to draw, e.g. a handwritten seven",
+                                 lines=2, elem_id="prompt"),
+                      gr.Textbox(req.negative_prompt, label=FIELDS["negative_prompt"], elem_id="negative_prompt",
+                                 placeholder="what the unconditional branch encodes (empty: as published)")]
+    else:
+        conditions = [gr.Dropdown(list(zip(dm.class_labels, range(len(dm.class_labels)))), value=req.class_index,
+                                  label=FIELDS["class_value"], elem_id="class")]
     dopri5 = gr.Checkbox(req.dopri5, label=FIELDS["dopri5"], info="adaptive ODE solver; ignores the step sliders", elem_id="dopri5")
     shift = gr.Slider(*RANGES["shift"], value=req.shift, step=0.5, label=FIELDS["shift"], elem_id="shift")
     cfg = gr.Slider(*RANGES["cfg"], value=req.cfg, step=0.5, label=FIELDS["cfg"], elem_id="cfg")
@@ -114,7 +139,7 @@ def _controls(dm: DemoModel, init: Mapping[str, Any]) -> list[gr.components.Comp
     seed = gr.Number(req.seed, precision=0, minimum=RANGES["seed"][0], maximum=RANGES["seed"][1], label=FIELDS["seed"], elem_id="seed")
     num_images = gr.Slider(1, dm.max_images, value=req.num_images, step=1, label=FIELDS["num_images"], elem_id="num_images")
     dopri5.change(lambda on: [gr.Slider(interactive=not on) for _ in steps], dopri5, steps, queue=False, api_visibility="private")
-    return [class_dd, dopri5, shift, cfg, *steps, seed, num_images]
+    return [*conditions, dopri5, shift, cfg, *steps, seed, num_images]
 
 
 def build_demo(cfg: Mapping[str, Any]) -> gr.Blocks:
@@ -131,13 +156,14 @@ def build_demo(cfg: Mapping[str, Any]) -> gr.Blocks:
         try:
             dm = DemoModel.load(str(cfg["ckpt"]) if hub else path, resolve_path(cfg["config"]) if cfg.get("config") else None,
                                 cfg["device"], _positive_int(cfg, "max_images"), bool(cfg.get("allow_download", False)),
-                                cfg.get("ema"), cfg.get("precision", "auto"))
+                                cfg.get("ema"), cfg.get("precision", "auto"), cfg.get("text_encoder"))
         except CheckpointError as err:
             problem = checkpoint_help(cfg["ckpt"] if hub else path, str(err))
     if dm is None:
         log.warning("no usable checkpoint; the page explains how to get one:\n%s", problem)
     else:
-        log.info("loaded %s (%d classes, %s px, %s)", dm.source, len(dm.class_names), dm.stage_sides[-1], dm.device)
+        kind = "text-to-image" if dm.is_text else f"{len(dm.class_names)} classes"
+        log.info("loaded %s (%s, %s px, %s)", dm.source, kind, dm.stage_sides[-1], dm.device)
     with gr.Blocks(title="PixelFlow demo", analytics_enabled=bool(cfg.get("analytics", False)),
                    delete_cache=(3600, 3600)) as demo:
         if dm is None:
