@@ -73,7 +73,9 @@ def _text_condition(captions: Sequence[str], drop: torch.Tensor | None, encode_t
     if drop is not None:
         captions = drop_captions(captions, drop)
     states, mask = encode_text(captions)
-    states, mask = states.to(device), mask.to(device)
+    # Padding past the longest caption is masked out (weight exp(-10000) = 0): drop it to save compute.
+    keep = max(int(mask.sum(dim=1).max()), 1)
+    states, mask = states[:, :keep].to(device), mask[:, :keep].to(device)
     return lambda idx: {"text_states": states[idx], "text_mask": mask[idx]}
 
 

@@ -15,7 +15,8 @@ from torch.utils.data import Dataset
 from pixelflow.data.datamodule import ImageDataModule
 from pixelflow.data.mnist import MNIST
 
-__all__ = ["NUMBER_WORDS", "TRAIN_TEMPLATES", "HELDOUT_TEMPLATES", "caption", "heldout_prompts", "MNISTCaptions",
+__all__ = ["NUMBER_WORDS", "TRAIN_TEMPLATES", "HELDOUT_TEMPLATES", "caption", "heldout_prompts", "template_choice",
+           "MNISTCaptions",
            "MNISTCaptionDataModule"]
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -30,8 +31,8 @@ TRAIN_TEMPLATES = (
     "a picture of the digit {word}",
     "handwritten digit {digit}",
     "an image of the number {digit}",
-    "the numeral {word} in white ink",
-    "digit {word} on a black background",
+    "the numeral {word} in white",
+    "digit {word} on black",
     "a {digit} written by hand",
 )
 HELDOUT_TEMPLATES = (
@@ -59,6 +60,11 @@ def heldout_prompts(per_digit: int = 20) -> tuple[list[str], list[int]]:
     return prompts, digits
 
 
+def template_choice(num_images: int, num_templates: int, seed: int) -> torch.Tensor:
+    """Which template captions each image: uniform, fixed by ``seed``."""
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, num_templates, num_images))
+
+
 class MNISTCaptions(Dataset):
     """MNIST images (as :class:`~pixelflow.data.mnist.MNIST`) with one template caption each."""
 
@@ -68,7 +74,7 @@ class MNISTCaptions(Dataset):
             raise ValueError("templates is empty: give at least one, e.g. '{word}' or 'the digit {digit}'")
         self.digits = MNIST(split, image_size, path)
         self.templates = tuple(templates)
-        self.choice = torch.from_numpy(np.random.default_rng(seed).integers(0, len(templates), len(self.digits)))
+        self.choice = template_choice(len(self.digits), len(self.templates), seed)
 
     def __len__(self) -> int:
         return len(self.digits)
