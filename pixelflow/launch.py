@@ -19,8 +19,9 @@ from pixelflow.callbacks import SampleGrid
 from pixelflow.checkpoint import CheckpointError, load_pixelflow, model_kwargs
 from pixelflow.console import StepProgressBar, silence_lightning_tips
 from pixelflow.retention import newest_checkpoint
+from pixelflow.text import TextEncoder
 
-__all__ = ["build_training", "run_training", "check_global_batch", "group_entries", "init_from_weights"]
+__all__ = ["build_training", "build_text_encoder", "run_training", "check_global_batch", "group_entries", "init_from_weights"]
 
 # lightning 2.6 still builds torch's deprecated LeafSpec on every batch; nothing a user can act on.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
@@ -108,16 +109,32 @@ def _loggers(cfg: DictConfig, run_dir: Path) -> list[Any]:
     return loggers
 
 
+def build_text_encoder(cfg: DictConfig, datamodule: L.LightningDataModule) -> TextEncoder | None:
+    """The frozen text encoder of a text-to-image run (``cfg.text_encoder``), None for class-to-image; a caption
+    datamodule (``num_classes`` 0) needs one and a class datamodule must not have one."""
+    spec = cfg.get("text_encoder")
+    if spec and datamodule.num_classes:
+        raise ValueError(f"text_encoder is set but data ({cfg.data._target_}) yields class labels, not captions: use a "
+                         "caption datamodule (e.g. data=mnist_captions) or drop text_encoder (text_encoder=null)")
+    if not spec and not datamodule.num_classes:
+        raise ValueError(f"data ({cfg.data._target_}) yields captions but no text_encoder is configured: add one, e.g. "
+                         "+text_encoder._target_=pixelflow.text.tiny_random_t5 (see conf/experiment/mnist_t2i_quickstart.yaml)")
+    return instantiate(spec) if spec else None
+
+
 def build_training(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, L.LightningDataModule]:
     """Instantiate everything a run needs; validates the batch invariant before any work."""
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.run_dir)
     datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.model, num_classes=datamodule.num_classes)
+    text_encoder = build_text_encoder(cfg, datamodule)
+    text = {"cross_attention_dim": text_encoder.width} if text_encoder is not None else {}
+    model = instantiate(cfg.model, num_classes=datamodule.num_classes, **text)
     schedule = instantiate(cfg.cascade)
     if schedule.image_size != datamodule.image_size:
         raise ValueError(f"cascade.image_size={schedule.image_size} differs from data.image_size={datamodule.image_size}")
-    module = instantiate(cfg.module)(model=model, schedule=schedule, class_names=datamodule.class_names)
+    module = instantiate(cfg.module)(model=model, schedule=schedule, class_names=datamodule.class_names,
+                                     text_encoder=text_encoder)
     callbacks = [instantiate(c) for c in group_entries(cfg, "callbacks").values()]
     if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks.append(StepProgressBar())

@@ -19,6 +19,7 @@ from pixelflow.cascade import CascadeSchedule
 from pixelflow.checkpoint import model_kwargs
 from pixelflow.model import PixelFlowTransformer
 from pixelflow.objective import cascade_loss
+from pixelflow.text import TextEncoder
 
 __all__ = ["PixelFlowLitModule", "DivergenceError", "nonfinite_tensors"]
 
@@ -51,7 +52,13 @@ class PixelFlowLitModule(L.LightningModule):
     """Trains ``model`` on the cascade loss; keeps one EMA copy per rate in ``ema_decays`` (the first is used for
     samples and ``export/model.pt``).
 
-    Randomness (stages, t, noise, label dropout) comes from a generator seeded by
+    Text-to-image models (``cross_attention_dim``) take a frozen ``text_encoder``: batches carry captions,
+    dropped to the empty prompt "" with probability ``label_dropout`` (caption dropout, for guidance). The
+    encoder is a plain attribute, not a submodule: it is not trained, not averaged into the EMAs and not in
+    the checkpoint's state_dict (it is rebuilt from the config on resume; the export saves it beside
+    ``model.pt``).
+
+    Randomness (stages, t, noise, label or caption dropout) comes from a generator seeded by
     (seed, optimizer step, micro-batch within the step, rank), so a resumed run draws
     exactly what an uninterrupted run would have drawn.
 
@@ -73,8 +80,10 @@ class PixelFlowLitModule(L.LightningModule):
         seed: int = 0,
         class_names: list[str] | None = None,
         max_nonfinite_steps: int = 20,
+        text_encoder: TextEncoder | None = None,
     ):
         super().__init__()
+        _check_text_encoder(model, text_encoder)
         self.ema_decays = [float(d) for d in ema_decays or ()]
         if not all(0.0 < d < 1.0 for d in self.ema_decays) or len(set(self.ema_decays)) != len(self.ema_decays):
             raise ValueError(f"ema_decays must be distinct rates in (0, 1), e.g. [0.9999, 0.999], or null (no EMA); got {ema_decays}")
@@ -88,6 +97,7 @@ class PixelFlowLitModule(L.LightningModule):
         self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
         self.lr_warmup_steps, self.lr_decay_fraction = lr_warmup_steps, lr_decay_fraction
         self.label_dropout, self.seed, self.class_names = label_dropout, seed, class_names
+        self.text_encoder = text_encoder
         self.emas = nn.ModuleList(AveragedModel(model, multi_avg_fn=partial(ema_update, decay=d)) for d in self.ema_decays)
         self.emas.requires_grad_(False)
         self._micro_batch = 0
@@ -113,9 +123,11 @@ class PixelFlowLitModule(L.LightningModule):
         step_seed = (self.global_step * 4096 + self._micro_batch) * max(self.trainer.world_size, 1) + self.global_rank
         return torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + step_seed)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, labels = batch
-        loss, per_stage = cascade_loss(self.model, self.schedule, images, labels, self._generator(), self.label_dropout)
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor | list[str]], batch_idx: int) -> torch.Tensor:
+        images, labels = batch  # labels: class ids, or captions for a text-to-image model
+        encode = self.text_encoder.encode if self.text_encoder is not None else None
+        loss, per_stage = cascade_loss(self.model, self.schedule, images, labels, self._generator(), self.label_dropout,
+                                       encode_text=encode)
         self._micro_batch += 1
         finite = torch.isfinite(loss.detach())
         self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
@@ -135,6 +147,8 @@ class PixelFlowLitModule(L.LightningModule):
         return self.lr * lr_factor(step, self.lr_warmup_steps, decay_start, total)
 
     def on_fit_start(self) -> None:
+        if self.text_encoder is not None:  # a plain attribute: Lightning does not move it with the module
+            self.text_encoder.model.to(self.device)
         if self.lr_decay_fraction and not self.trainer.max_steps > 0:
             raise ValueError("module.lr_decay_fraction needs a finite trainer.max_steps (the decay ends there)")
 
@@ -222,3 +236,17 @@ class PixelFlowLitModule(L.LightningModule):
         self.model.load_state_dict(state, strict=True)
         for ema in self.emas:
             ema.module.load_state_dict(state, strict=True)
+
+
+def _check_text_encoder(model: PixelFlowTransformer, text_encoder: TextEncoder | None) -> None:
+    """A text-to-image model needs a text encoder of its ``cross_attention_dim``; a class-to-image model none."""
+    width = model.cross_attention_dim
+    if width and text_encoder is None:
+        raise ValueError(f"the model is text-to-image (cross_attention_dim={width}) but no text encoder was given: set "
+                         "text_encoder in the config (e.g. experiment=mnist_t2i_quickstart) and a caption datamodule")
+    if text_encoder is not None and not width:
+        raise ValueError("a text encoder was given but the model is class-to-image (no cross_attention_dim): drop "
+                         "text_encoder from the config, or train on captions (a caption datamodule builds a T2I model)")
+    if text_encoder is not None and text_encoder.width != width:
+        raise ValueError(f"the text encoder's width {text_encoder.width} differs from the model's cross_attention_dim "
+                         f"{width}; build the model with cross_attention_dim={text_encoder.width}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["TextCondition", "TextEncoder", "load_t5", "T5_NAME"]
+__all__ = ["TextCondition", "TextEncoder", "load_t5", "tiny_random_t5", "T5_NAME"]
 
 T5_NAME = "google/flan-t5-xl"  # the released model's text encoder (encoder only, width 2048)
 T5_MAX_LENGTH = 512  # published: prompts padded (and truncated) to 512 tokens
@@ -136,3 +136,23 @@ def load_t5(source: str | Path = T5_NAME, device: torch.device | str = "cpu", dt
             f"into the Hugging Face cache with `hf download {T5_NAME}`. ({err})"
         ) from err
     return TextEncoder(model.to(device, dtype), tokenizer, max_length)
+
+
+def tiny_random_t5(d_model: int = 64, num_layers: int = 2, num_heads: int = 4, d_ff: int = 128, seed: int = 0,
+                   max_length: int = 32, cache_size: int = 1024) -> TextEncoder:
+    """A small random-init T5 encoder with the byte-level ByT5 tokenizer: needs no files and downloads nothing.
+
+    Random weights are enough for training a small text-to-image model (distinct prompts give distinct
+    states); ``seed`` fixes them, so every run (and a resumed one) builds the same encoder.
+    """
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    if d_model % num_heads:
+        raise ValueError(f"d_model ({d_model}) must be divisible by num_heads ({num_heads})")
+    tokenizer = ByT5Tokenizer()
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // num_heads, d_ff=d_ff,
+                      num_layers=num_layers, num_heads=num_heads, dropout_rate=0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = T5EncoderModel(config)
+    return TextEncoder(model, tokenizer, max_length, cache_size)

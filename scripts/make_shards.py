@@ -9,6 +9,11 @@ Each image gets the deterministic part of the augmentation (``--crop random``: s
 288 for 256 px, Lanczos; ``--crop adm``: ADM centre crop) and is stored as JPEG or PNG bytes;
 random crops and flips happen at training time. Unreadable files are reported and counted in
 the index, never fatal.
+
+Text-to-image: ``--captions`` reads a caption folder instead (every image with a same-name ``.txt``
+beside it, any depth; :mod:`pixelflow.data.caption_folder`) and stores each caption as ``<key>.txt``:
+
+    python scripts/make_shards.py data/captions data/caption_shards --captions --image-size 256
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pixelflow.data.caption_folder import caption_pairs, read_caption  # noqa: E402
 from pixelflow.data.imagenet import CROPS, default_resize, deterministic_transform, imagenet_class_names  # noqa: E402
 from pixelflow.data.robust import UNREADABLE_ERRORS, open_rgb  # noqa: E402
 from pixelflow.data.shards import INDEX_FORMAT  # noqa: E402
@@ -47,13 +53,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard-size", type=int, default=1000, help="source files per shard")
     p.add_argument("--workers", type=int, default=0, help="decode/encode processes (0: in this process)")
     p.add_argument("--seed", type=int, default=0, help="file order permutation (fixed so that resuming is exact)")
+    p.add_argument("--captions", action="store_true",
+                   help="src holds images with same-name .txt captions (any depth), not class folders; store <key>.txt")
     return p.parse_args(argv)
 
 
-def encode(job: tuple[str, int, str, dict]) -> tuple[str, int, bytes | None, str | None]:
-    """(path, label, image bytes or None, error or None) for one source file."""
-    path, label, fmt, opts = job
+def encode(job: tuple[str, int, str, dict, bool]) -> tuple[str, int | str, bytes | None, str | None]:
+    """(path, label or caption, image bytes or None, error or None) for one source file."""
+    path, label, fmt, opts, captions = job
     try:
+        if captions:
+            label = read_caption(Path(path).with_suffix(".txt"))
         image = deterministic_transform(opts["image_size"], opts["crop"], opts["resize_size"])(open_rgb(path))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG" if fmt == "jpg" else "PNG", **({"quality": opts["quality"]} if fmt == "jpg" else {}))
@@ -74,7 +84,8 @@ def write_shard(tar_path: Path, results: Iterator, first_key: int, fmt: str, src
                 progress.write(f"[make_shards] skipping unreadable {path}: {error}")
                 continue
             rel = str(Path(path).relative_to(src))
-            sink.write({"__key__": f"{first_key + offset:09d}", fmt: data, "cls": label, "json": {"path": rel}})
+            target = {"txt": label} if isinstance(label, str) else {"cls": label}
+            sink.write({"__key__": f"{first_key + offset:09d}", fmt: data, **target, "json": {"path": rel}})
             count += 1
     stats = {"path": tar_path.name, "count": count, "skipped": skipped}
     _atomic_write_json(tar_path.with_suffix(".json"), stats)
@@ -91,13 +102,17 @@ def _atomic_write_json(path: Path, data: dict) -> None:
 def make_shards(args: argparse.Namespace) -> dict:
     """Write (or finish writing) all shards and the index; return the index."""
     src, out = Path(args.src), Path(args.out)
-    classes, class_to_idx = find_classes(src)
-    samples = make_dataset(str(src), class_to_idx, extensions=IMG_EXTENSIONS)
+    if args.captions:
+        classes, samples = [], [(str(image), -1) for image, _ in caption_pairs(src)]
+    else:
+        classes, class_to_idx = find_classes(src)
+        samples = make_dataset(str(src), class_to_idx, extensions=IMG_EXTENSIONS)
     random.Random(args.seed).shuffle(samples)
     out.mkdir(parents=True, exist_ok=True)
     opts = {"image_size": args.image_size, "crop": args.crop, "quality": args.quality,
             "resize_size": (args.resize_size or default_resize(args.image_size)) if args.crop == "random" else None}
-    settings = {**opts, "format": args.format, "shard_size": args.shard_size, "seed": args.seed, "files": len(samples)}
+    settings = {**opts, "format": args.format, "shard_size": args.shard_size, "seed": args.seed, "files": len(samples),
+                **({"captions": True} if args.captions else {})}
     settings_path = out / "make_shards.json"
     if settings_path.is_file() and json.loads(settings_path.read_text()) != settings:
         raise SystemExit(f"{out} holds shards written with other settings ({settings_path}); use a new folder")
@@ -117,7 +132,8 @@ def make_shards(args: argparse.Namespace) -> dict:
     with Pool(args.workers) if args.workers > 0 else nullcontext() as pool, \
             tqdm(total=len(samples), initial=done_files, unit="img", desc="shards") as progress:
         for i in todo:
-            jobs = [(path, label, args.format, opts) for path, label in samples[i * args.shard_size:(i + 1) * args.shard_size]]
+            chunk = samples[i * args.shard_size:(i + 1) * args.shard_size]
+            jobs = [(path, label, args.format, opts, args.captions) for path, label in chunk]
             results = pool.imap(encode, jobs, chunksize=8) if pool else map(encode, jobs)
             shards[i] = write_shard(out / f"shard-{i:06d}.tar", results, i * args.shard_size, args.format, src, progress)
     skipped = [s for shard in shards for s in shard["skipped"]]
@@ -128,6 +144,7 @@ def make_shards(args: argparse.Namespace) -> dict:
                        "format": args.format, "seed": args.seed},
         "classes": classes,
         "class_names": imagenet_class_names(classes),
+        "captions": args.captions,
         "num_classes": len(classes),
         "shards": [{"path": s["path"], "count": s["count"]} for s in shards],
         "total": sum(s["count"] for s in shards),

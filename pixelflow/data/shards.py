@@ -1,8 +1,9 @@
 """Streaming training data from webdataset tar shards written by ``scripts/make_shards.py``.
 
 Each sample is ``<key>.jpg`` (or ``.png``) holding the image after the deterministic part of the
-augmentation (short side resized, or ADM centre-cropped), ``<key>.cls`` (the label) and
-``<key>.json`` (its source path). The random part (crop, flip) runs here. An ``index.json``
+augmentation (short side resized, or ADM centre-cropped), ``<key>.cls`` (the label) or, in caption
+shards (``"captions": true`` in the index; batches are then (images, captions: list[str])),
+``<key>.txt`` (the caption, UTF-8), and ``<key>.json`` (its source path). The random part (crop, flip) runs here. An ``index.json``
 beside the shards lists them with their sample counts and the class names.
 
 Two ways to split the stream over ranks and DataLoader workers:
@@ -90,13 +91,17 @@ def _tar_error(ledger: SkipLedger, error: BaseException) -> bool:
     return True
 
 
-def _decode(samples: Iterator[dict], transform: Callable, ledger: SkipLedger) -> Iterator[tuple[torch.Tensor, int]]:
+def _decode(samples: Iterator[dict], transform: Callable, ledger: SkipLedger,
+            captions: bool = False) -> Iterator[tuple[torch.Tensor, int | str]]:
     for sample in samples:
         key = next((k for k in IMAGE_KEYS if k in sample), None)
         try:
             if key is None:
                 raise KeyError(f"no image ({', '.join(IMAGE_KEYS)}) in the sample")
-            image, label = open_rgb(sample[key]), int(sample["cls"])
+            if captions and "txt" not in sample:
+                raise KeyError("no caption (.txt) in the sample of a caption shard")
+            image = open_rgb(sample[key])
+            label = sample["txt"].decode("utf-8").strip() if captions else int(sample["cls"])
         except (*UNREADABLE_ERRORS, KeyError) as err:
             ledger.record(f"{sample.get('__url__')}:{sample.get('__key__')}", err)
             continue
@@ -105,8 +110,9 @@ def _decode(samples: Iterator[dict], transform: Callable, ledger: SkipLedger) ->
 
 def shard_pipeline(urls: list[str], transform: Callable, ledger: SkipLedger, batch_size: int, rank: int = 0,
                    world_size: int = 1, seed: int = 0, shuffle_buffer: int = 2000, resample: bool = True,
-                   passes: int | None = None) -> wds.DataPipeline:
-    """Batches ``(images, labels)`` of exactly ``batch_size`` for this rank (see the module docstring)."""
+                   passes: int | None = None, captions: bool = False) -> wds.DataPipeline:
+    """Batches ``(images, labels)`` (``captions``: ``(images, list of captions)``) of exactly ``batch_size`` for this
+    rank (see the module docstring)."""
     if resample:
         source = [wds.ResampledShards(urls, seed=seed, worker_seed=partial(_worker_seed, rank), deterministic=True)]
     else:
@@ -115,7 +121,7 @@ def shard_pipeline(urls: list[str], transform: Callable, ledger: SkipLedger, bat
         *source,
         wds.tarfile_to_samples(handler=partial(_tar_error, ledger)),
         partial(_shuffle, bufsize=shuffle_buffer, seed=seed * 1009 + rank),
-        partial(_decode, transform=transform, ledger=ledger),
+        partial(_decode, transform=transform, ledger=ledger, captions=captions),
         wds.batched(batch_size, collation_fn=default_collate, partial=False),
     )
 
@@ -129,7 +135,11 @@ class ShardDataModule(SkipReporting, ImageDataModule):
         stored = self.index["preprocess"]["image_size"]
         if stored != image_size:
             raise ValueError(f"shards in {index} were made for image_size={stored}, but data.image_size={image_size}")
-        super().__init__(batch_size, image_size, self.index["num_classes"], self.index["class_names"], num_workers, seed)
+        self.captions = bool(self.index.get("captions", False))
+        super().__init__(batch_size, image_size, 0 if self.captions else self.index["num_classes"],
+                         None if self.captions else self.index["class_names"], num_workers, seed)
+        if self.captions:
+            self.class_names = None  # captions, no classes
         self.urls = [shard["path"] for shard in self.index["shards"]]
         self.shuffle_buffer, self.resample = shuffle_buffer, resample
         self.transform = random_transform(image_size, flip)
@@ -146,7 +156,7 @@ class ShardDataModule(SkipReporting, ImageDataModule):
         # Reseeding with the samples consumed keeps a resumed run from replaying the stream's start.
         return shard_pipeline(self.urls, self.transform, self.skips, self.batch_size, rank, world,
                               seed=self.seed * 1_000_003 + self._start, shuffle_buffer=self.shuffle_buffer,
-                              resample=self.resample)
+                              resample=self.resample, captions=self.captions)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.build_train_dataset(), batch_size=None, num_workers=self.num_workers,
