@@ -18,7 +18,6 @@ from pixelflow.precision import sampling_precision
 from pixelflow.samplers import CascadeNoise, CascadeSampler, SamplerConfig, to_uint8
 from pixelflow.sharding import gather_model
 from pixelflow.text import TextEncoder
-from pixelflow.text_sampler import sample_text_euler  # moves into pixelflow.samplers (T2I sampling branch)
 
 __all__ = ["SampleGrid", "ExportWeights", "log_grid", "save_text_encoder", "TEXT_ENCODER_DIR"]
 
@@ -29,7 +28,7 @@ class SampleGrid(L.Callback):
     """Every ``every_n_steps`` (and at the end), sample a fixed grid from the EMA weights.
 
     Rows are classes ``classes`` (default: the first ``num_classes`` up to 10), or for a text-to-image
-    model the ``prompts`` (Euler with constant text guidance ``cfg``; without prompts no grid is drawn),
+    model the ``prompts`` (constant text guidance ``cfg``; without prompts no grid is drawn),
     columns are ``per_class`` seeds; the seed and labels never change, so grids are comparable across steps.
     Images are sampled ``chunk_size`` at a time (bounding the memory taken on top of training)
     in ``precision`` (:mod:`pixelflow.precision`; auto = bf16 on CUDA); each image's noise comes
@@ -93,16 +92,17 @@ class SampleGrid(L.Callback):
 
     def sample_text(self, model: torch.nn.Module, schedule, prompts: list[str], text_encoder: TextEncoder,
                     device: torch.device) -> torch.Tensor:
-        """uint8 NHWC images for ``prompts`` (text-to-image), ``chunk_size`` at a time, noise as :meth:`sample`."""
+        """uint8 NHWC images for ``prompts`` (text-to-image, constant guidance ``cfg``), ``chunk_size`` at a time,
+        noise as :meth:`sample`."""
+        sampler = CascadeSampler(model, schedule, self.config)
+        doubled = self.config.method == "dopri5"
         chunks = []
         for index in torch.arange(len(prompts)).split(self.chunk_size):
             seeds = [sample_seed(self.seed, i) for i in index.tolist()]
-            noise = CascadeNoise.per_sample(schedule, seeds, model.in_channels, False, device=device)
+            noise = CascadeNoise.per_sample(schedule, seeds, model.in_channels, doubled, device=device)
             text = text_encoder.condition([prompts[i] for i in index.tolist()])
             with sampling_precision(self.precision, device):
-                out = sample_text_euler(model, schedule, text, steps=self.config.steps, shift=self.config.shift,
-                                        guidance=self.config.cfg, noise=noise)
-            chunks.append(to_uint8(out.images))
+                chunks.append(to_uint8(sampler.sample(text, noise=noise).images))
         return torch.cat(chunks)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
