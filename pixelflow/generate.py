@@ -128,7 +128,7 @@ def generate(loaded: LoadedModel, config: SamplerConfig, out_dir: str | Path, nu
     (a folder or Hugging Face name) if given. ``precision``: see :mod:`pixelflow.precision` (bf16 also
     runs the text encoder in bf16). A batch the memory model (:mod:`pixelflow.sampling_memory`) says
     will not fit the device (``device_memory_gib``, default a CUDA device's total memory; unchecked on
-    CPU) is refused before any work.
+    CPU; a text encoder on the device counted) is refused before any sampling.
     """
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
@@ -137,12 +137,13 @@ def generate(loaded: LoadedModel, config: SamplerConfig, out_dir: str | Path, nu
     config.validate(schedule.num_stages)
     fabric = fabric or Fabric(accelerator="auto", devices=1)
     precision = resolve_precision(precision, fabric.device)
-    device_bytes = device_memory_bytes(fabric.device, device_memory_gib)
-    if device_bytes is not None:
-        check_sampling_fits(model, schedule.image_size, min(batch_size, num_samples), config.method, precision,
-                            device_bytes, guided=config.cfg > 1)
     encoder = None if prompts is None else load_text_encoder(
         loaded, text_encoder, fabric.device, torch.bfloat16 if precision == "bf16" else torch.float32)
+    device_bytes = device_memory_bytes(fabric.device, device_memory_gib)
+    if device_bytes is not None:
+        text = {} if encoder is None else dict(text_length=encoder.max_length, encoder_bytes=encoder.device_bytes())
+        check_sampling_fits(model, schedule.image_size, min(batch_size, num_samples), config.method, precision,
+                            device_bytes, guided=config.cfg > 1, **text)
     out_dir = Path(out_dir)
     shard_dir = out_dir / SHARD_DIR
     if fabric.is_global_zero:

@@ -10,19 +10,30 @@ D = width, X = rows x tokens of the largest forward: the last stage, 2B rows wit
          + k x latent bytes (fp32, 3 channels at the final size) held by the integrator and the
                     pre-drawn noise: Euler/Heun keep a few B-row latents, Dopri5 its 2B-row stages.
 
+Text-to-image models (``cross_attention_dim`` D_t, text length T, default the published 512) add
+
+         + w L (2 D^2 + 2 D_t D)   autocast's cached bf16 copies of each block's cross-attention
+                    weights (q, k, v, o); w bytes per weight
+         + 2B T (4 D_t + 8)        the [uncond; cond] text states (fp32) and masks (int64), held all run
+         + E                       the text encoder on the same device (weights and its prompt cache),
+                    passed in by the caller (:meth:`pixelflow.text.TextEncoder.device_bytes`).
+The text's own working set (a block's K/V over T tokens) stays below the image tokens' at the last
+stage, so it sets no peak; the one-off T5 encoding before sampling is a smaller, earlier peak.
+
 The coefficients below are fitted by ``python scripts/estimate_memory.py --sampling`` from
 instrumented CPU forwards of XL/4 width at depth 1 and 2 (live-tensor bytes, the CPU analogue of
-``torch.cuda.max_memory_allocated``); the state factors k from full tiny-model sampling runs. The
-budget adds the CUDA context and allocator slack, as the training estimate does. Estimates, not
-measurements: ``scripts/gpu_check.sh`` measures them on a GPU.
+``torch.cuda.max_memory_allocated``); w from T2I-XL/4-width forwards at depth 2 and 3 (``--text``);
+the state factors k from full tiny-model sampling runs. The budget adds the CUDA context and
+allocator slack, as the training estimate does. Estimates, not measurements: ``scripts/gpu_check.sh``
+measures them on a GPU.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["CUDA_CONTEXT_BYTES", "ALLOCATOR_SLACK", "FORWARD_COEFFICIENTS", "STATE_LATENTS", "sampling_peak_bytes",
-           "sampling_budget_bytes", "max_fitting_batch", "check_sampling_fits"]
+__all__ = ["CUDA_CONTEXT_BYTES", "ALLOCATOR_SLACK", "FORWARD_COEFFICIENTS", "STATE_LATENTS", "TEXT_WEIGHT_COPY_BYTES",
+           "TEXT_LENGTH", "sampling_peak_bytes", "sampling_budget_bytes", "max_fitting_batch", "check_sampling_fits"]
 
 GIB = 2**30
 # Outside the allocator's count: CUDA context + kernels (~0.5-0.6 GiB with torch 2.x) and the caching
@@ -43,11 +54,28 @@ FORWARD_COEFFICIENTS: dict[str, tuple[float, float, float, float]] = {
 # stages, y1, the error estimate, interpolation coefficients and torchdiffeq's temporaries. Read off
 # whole Test/2 runs (64 px, batch 8: measured peak minus weights and forward, per latent); heun counted.
 STATE_LATENTS = {"euler": 5.0, "heun": 7.0, "dopri5": 56.0}
+# w: bytes per cross-attention weight per block, fitted by `python scripts/estimate_memory.py --sampling --text`
+# (T2I-XL/4 width, depth 2 and 3, 64 px, 64 text tokens): bf16 2.000 (autocast's bf16 copies), fp32 -4e-5 (none).
+TEXT_WEIGHT_COPY_BYTES = {"fp32": 0.0, "bf16": 2.0}
+TEXT_LENGTH = 512  # published prompt length (tokens)
+
+
+def _text_bytes(model: torch.nn.Module, batch: int, precision: str, text_length: int) -> float:
+    """A text-to-image model's extra bytes (module docstring): cross-attention weight copies and the text states."""
+    text_width = model.cross_attention_dim
+    if not text_width:
+        return 0.0
+    depth, width = len(model.transformer_blocks), model.hidden_size
+    copies = TEXT_WEIGHT_COPY_BYTES[precision] * depth * (2 * width**2 + 2 * text_width * width)
+    return copies + 2 * batch * text_length * (4 * text_width + 8)
 
 
 def sampling_peak_bytes(model: torch.nn.Module, image_size: int, batch: int, method: str, precision: str,
-                        guided: bool = True, coefficients: dict | None = None, state: dict | None = None) -> float:
-    """Estimated peak allocated bytes of sampling ``batch`` images with ``model`` (any device, even meta)."""
+                        guided: bool = True, coefficients: dict | None = None, state: dict | None = None,
+                        text_length: int = TEXT_LENGTH, encoder_bytes: float = 0.0) -> float:
+    """Estimated peak allocated bytes of sampling ``batch`` images with ``model`` (any device, even meta).
+
+    Text-to-image: ``text_length`` tokens per prompt; ``encoder_bytes`` of a text encoder on the same device."""
     if precision not in FORWARD_COEFFICIENTS:
         raise ValueError(f"precision must be a resolved one of {tuple(FORWARD_COEFFICIENTS)}, got {precision!r}")
     c0, c1, a0, a1 = (coefficients or FORWARD_COEFFICIENTS)[precision]
@@ -57,7 +85,8 @@ def sampling_peak_bytes(model: torch.nn.Module, image_size: int, batch: int, met
     x = rows * (image_size // model.patch_size) ** 2
     forward = (c0 + c1 * depth) * width**2 + (a0 + a1 * depth) * width * x
     latent = batch * model.in_channels * image_size**2 * 4
-    return 4 * params + forward + (state or STATE_LATENTS)[method] * latent
+    text = _text_bytes(model, batch, precision, text_length) + encoder_bytes
+    return 4 * params + forward + (state or STATE_LATENTS)[method] * latent + text
 
 
 def sampling_budget_bytes(peak: float) -> float:
@@ -66,10 +95,12 @@ def sampling_budget_bytes(peak: float) -> float:
 
 
 def max_fitting_batch(model: torch.nn.Module, image_size: int, method: str, precision: str, device_bytes: float,
-                      guided: bool = True) -> int:
+                      guided: bool = True, text_length: int = TEXT_LENGTH, encoder_bytes: float = 0.0) -> int:
     """Largest batch whose budget fits ``device_bytes`` (0 if not even one image fits)."""
     def fits(b: int) -> bool:
-        return sampling_budget_bytes(sampling_peak_bytes(model, image_size, b, method, precision, guided)) <= device_bytes
+        peak = sampling_peak_bytes(model, image_size, b, method, precision, guided, text_length=text_length,
+                                   encoder_bytes=encoder_bytes)
+        return sampling_budget_bytes(peak) <= device_bytes
 
     lo, hi = 0, 1  # fits(lo) (or lo = 0), and the search ends at the first hi that does not fit
     while fits(hi):
@@ -81,11 +112,13 @@ def max_fitting_batch(model: torch.nn.Module, image_size: int, method: str, prec
 
 
 def check_sampling_fits(model: torch.nn.Module, image_size: int, batch: int, method: str, precision: str,
-                        device_bytes: float, guided: bool = True) -> float:
+                        device_bytes: float, guided: bool = True, text_length: int = TEXT_LENGTH,
+                        encoder_bytes: float = 0.0) -> float:
     """Raise ValueError, naming the batch that fits, if ``batch`` will not fit ``device_bytes``; return the budget."""
-    budget = sampling_budget_bytes(sampling_peak_bytes(model, image_size, batch, method, precision, guided))
+    text = dict(text_length=text_length, encoder_bytes=encoder_bytes)
+    budget = sampling_budget_bytes(sampling_peak_bytes(model, image_size, batch, method, precision, guided, **text))
     if budget > device_bytes:
-        best = max_fitting_batch(model, image_size, method, precision, device_bytes, guided)
+        best = max_fitting_batch(model, image_size, method, precision, device_bytes, guided, **text)
         fix = f"use batch_size={best}" if best else "no batch fits; use a larger device"
         if precision == "fp32" and best < batch:
             fix += " (or precision=bf16, which needs less)"

@@ -90,6 +90,12 @@ class TextEncoder:
         """D_text: the width of the states (the model's ``cross_attention_dim``)."""
         return int(self.model.config.d_model)
 
+    def device_bytes(self) -> int:
+        """Device memory it can hold: its weights plus a full prompt cache (states and masks of ``cache_size`` prompts)."""
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        dtype_bytes = next(self.model.parameters()).element_size()
+        return weights + self.cache_size * self.max_length * (self.width * dtype_bytes + 8)
+
     @torch.no_grad()
     def _encode_uncached(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.tokenizer(prompts, padding="max_length", max_length=self.max_length, truncation=True,

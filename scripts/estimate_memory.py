@@ -27,7 +27,10 @@ Method (bytes; P = parameter count, L = depth):
 
 Sampling (``--sampling``): pixelflow/sampling_memory.py's model (the refusal in sample.py uses it),
 per batch, method and precision; ``--calibrate`` refits its coefficients by the same instrumented
-CPU forwards (XL/4 width, depth 2 and 3) and checks it against whole Test/2 sampling runs.
+CPU forwards (XL/4 width, depth 2 and 3) and checks it against whole Test/2 sampling runs. A T2I
+model (``--model T2I-XL/4 --image-size 1024``) counts its 512-token text states and Flan-T5-XL's
+encoder on the same device (weights in the sampling precision plus a full prompt cache; sizes from
+its published config, built on the meta device); ``--text`` refits the cross-attention term.
 
 ``--validate`` runs the same calibration on a small model, predicts its full depth at twice the
 image size and a larger micro-batch, and compares with a measured step.
@@ -57,10 +60,13 @@ from pixelflow.samplers import CascadeNoise, CascadeSampler, SamplerConfig  # no
 from pixelflow.sampling_memory import (  # noqa: E402
     ALLOCATOR_SLACK,
     CUDA_CONTEXT_BYTES,
+    FORWARD_COEFFICIENTS,
     GIB,
+    TEXT_LENGTH,
     sampling_budget_bytes,
     sampling_peak_bytes,
 )
+from pixelflow.text import TextCondition  # noqa: E402
 
 
 def tokens(image_size: int, micro_batch: int, patch: int, num_stages: int = 4) -> tuple[int, int]:
@@ -260,17 +266,61 @@ def validate_sampling(model: str = "Test/2", methods: tuple[str, ...] = ("euler"
     return [measure_sampling_run(model, 64, 4, m, p, coefficients) for m in methods for p in ("fp32", "bf16")]
 
 
-def sampling_estimates(model: str, image_size: int, batches: list[int], methods: list[str]) -> list[dict]:
-    """Peak and budget (GiB) of sampling ``model`` per batch, method and precision, from the library's model."""
+def measure_text_forward(depth: int, precision: str, image_size: int = 64, text_length: int = 64) -> dict:
+    """One guided T2I-XL/4-width velocity call on CPU: its high-water above the weights and text, and what the
+    class-to-image forward model predicts for the same width, depth and tokens (the rest is the text's)."""
+    torch.manual_seed(0)
+    net = build_model("T2I-XL/4", depth=depth).eval()
+    sampler = CascadeSampler(net, CascadeSchedule(image_size=image_size), SamplerConfig(cfg=2.0))
+    x = torch.randn(1, 3, image_size, image_size)
+    text = TextCondition(torch.randn(2, text_length, net.cross_attention_dim), torch.ones(2, text_length, dtype=torch.long))
+    tracker = TensorMemoryTracker()
+    tracker.track(*net.parameters(), x, text.states, text.mask)
+    static = tracker.current
+    with torch.no_grad(), tracker, sampling_precision(precision, "cpu"):
+        sampler.velocity(x, torch.tensor([900.0]), text, 2.0)
+    c0, c1, a0, a1 = FORWARD_COEFFICIENTS[precision]
+    width, tokens = net.hidden_size, 2 * (image_size // net.patch_size) ** 2
+    c2i = (c0 + c1 * depth) * width**2 + (a0 + a1 * depth) * width * tokens
+    return {"depth": depth, "precision": precision, "forward": tracker.peak - static, "c2i_model": round(c2i),
+            "cross_attention_weights_per_block": 2 * width**2 + 2 * net.cross_attention_dim * width}
+
+
+def fit_text(precision: str) -> dict:
+    """w of pixelflow.sampling_memory: the extra forward bytes per added block per cross-attention weight."""
+    runs = [measure_text_forward(d, precision) for d in (2, 3)]
+    extra = [r["forward"] - r["c2i_model"] for r in runs]
+    return {"w": (extra[1] - extra[0]) / runs[0]["cross_attention_weights_per_block"], "runs": runs}
+
+
+def flan_t5_xl_bytes(dtype_bytes: int, cache_size: int = 256, max_length: int = TEXT_LENGTH) -> float:
+    """Flan-T5-XL's encoder (published config: d_model 2048, d_ff 5120, 24 layers, 32 heads of 64, 32128 tokens,
+    gated GELU) in ``dtype_bytes`` per weight, plus a full prompt cache, as TextEncoder.device_bytes counts them."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(d_model=2048, d_ff=5120, d_kv=64, num_heads=32, num_layers=24, vocab_size=32128,
+                      feed_forward_proj="gated-gelu")
     with torch.device("meta"):
-        net = build_model(model, num_classes=1000)
+        params = sum(p.numel() for p in T5EncoderModel(config).parameters())
+    return params * dtype_bytes + cache_size * max_length * (config.d_model * dtype_bytes + 8)
+
+
+def sampling_estimates(model: str, image_size: int, batches: list[int], methods: list[str],
+                       encoder_on_device: bool = True) -> list[dict]:
+    """Peak and budget (GiB) of sampling ``model`` per batch, method and precision, from the library's model
+    (a T2I model: 512-token text and, if ``encoder_on_device``, Flan-T5-XL's encoder in the same precision)."""
+    text = model.startswith("T2I")
+    with torch.device("meta"):
+        net = build_model(model) if text else build_model(model, num_classes=1000)
     rows = []
     for precision in ("bf16", "fp32"):
+        encoder = flan_t5_xl_bytes(2 if precision == "bf16" else 4) if text and encoder_on_device else 0.0
         for method in methods:
             for batch in batches:
-                peak = sampling_peak_bytes(net, image_size, batch, method, precision)
+                peak = sampling_peak_bytes(net, image_size, batch, method, precision, encoder_bytes=encoder)
                 budget = sampling_budget_bytes(peak)
                 rows.append({"precision": precision, "method": method, "batch": batch, "peak_allocated": round(peak / GIB, 2),
+                             **({"text_encoder": round(encoder / GIB, 2)} if text else {}),
                              "budget": round(budget / GIB, 2),
                              **{f"fits_{g}gb": budget <= g * 1e9 for g in (24, 40, 80)}})
     return rows
@@ -294,6 +344,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="sampling instead of training: --batch per method and precision (pixelflow.sampling_memory)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16, 32, 64, 100], help="--sampling batches")
     p.add_argument("--method", nargs="+", default=["dopri5", "euler"], help="--sampling methods")
+    p.add_argument("--no-encoder-on-device", dest="encoder_on_device", action="store_false",
+                   help="with --sampling and a T2I model: the text encoder lives elsewhere (CPU, another device)")
+    p.add_argument("--text", action="store_true", help="with --sampling: refit the T2I cross-attention term on CPU")
     p.add_argument("--calibrate", action="store_true",
                    help="with --sampling: refit the forward coefficients on CPU and check them on whole Test/2 runs")
     return p.parse_args(argv)
@@ -305,7 +358,10 @@ def main(argv: list[str] | None = None) -> dict:
         warnings.simplefilter("ignore")  # checkpointing's use_reentrant notes etc.
         if args.sampling:
             result = {"model": args.model, "image_size": args.image_size, "units": "GiB",
-                      "estimates": sampling_estimates(args.model, args.image_size, args.batch, args.method)}
+                      "estimates": sampling_estimates(args.model, args.image_size, args.batch, args.method,
+                                                      args.encoder_on_device)}
+            if args.text:
+                result["fitted_text_weight_copy_bytes"] = {p: fit_text(p) for p in ("fp32", "bf16")}
             if args.calibrate:
                 result["fitted_coefficients"] = {p: fit_sampling(args.model, p)[0] for p in ("fp32", "bf16")}
                 result["whole_runs"] = validate_sampling("Test/2")

@@ -5,7 +5,8 @@
 #    with pip --no-index --no-deps (skipped when they import already);
 # 2. runs the gpu-marked tests (tests/test_gpu.py);
 # 3. scripts/gpu_check.py: XL/4 sampling (Euler 30 + CFG, Dopri5; batch 16; bf16 and fp32) s/image, peak
-#    memory, bf16 vs fp32 agreement, and the imagenet256_xl4_24gb training figures (3 steps).
+#    memory, bf16 vs fp32 agreement, T2I-XL/4 1024 px bf16 sampling memory (batch 1, 3) against its estimate,
+#    and the imagenet256_xl4_24gb training figures (3 steps).
 # --dry-run: nothing installed, the tests listed only, gpu_check.py at tiny sizes on CPU.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"

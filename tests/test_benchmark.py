@@ -79,6 +79,8 @@ def test_gpu_check_dry_run_writes_one_json_report(tmp_path):
     for key in ("euler_bf16", "euler_fp32", "dopri5_bf16", "dopri5_fp32"):
         assert sampling[key]["seconds_per_image"] > 0 and sampling[key]["estimated_peak_gib"] > 0
     assert 0 < sampling["euler_bf16_vs_fp32"]["max_abs"] < 0.05 and sampling["dopri5_bf16_vs_fp32"]["mean_abs"] < 0.005
+    text = result["text_to_image_memory"]
+    assert text["model"] == "T2I-Test/2" and 0 < text["batch_1"]["estimated_peak_gib"] < text["batch_2"]["estimated_peak_gib"]
     train = result["training_imagenet256_xl4_24gb"]["train"]
     assert train["images_per_s"] > 0 and train["peak_memory_bytes"] > 0
 

@@ -11,6 +11,7 @@ from pixelflow.checkpoint import export_released_format, load_pixelflow
 from pixelflow.generate import generate
 from pixelflow.prompts import NO_LABEL, PromptSet, load_text_encoder, prompt_set, read_prompts_file
 from pixelflow.samplers import SamplerConfig
+from pixelflow.sampling_memory import GIB, sampling_budget_bytes, sampling_peak_bytes
 from tests.test_generate import sample_cli
 
 CONFIG = SamplerConfig(steps=2, cfg=3.0)
@@ -74,6 +75,16 @@ def test_wrong_conditions_are_clear_errors(tmp_path, t2i_export, tiny_model, tin
     loaded.model.cross_attention_dim = 24
     with pytest.raises(ValueError, match="width 32 but the model's cross_attention_dim is 24"):
         load_text_encoder(loaded, str(tiny_t5_dir))
+
+
+def test_a_batch_that_only_fits_without_the_text_encoder_is_refused(tmp_path, t2i_export):
+    loaded = load_pixelflow(t2i_export)
+    encoder = load_text_encoder(loaded)
+    model_only = sampling_budget_bytes(sampling_peak_bytes(loaded.model, 32, 2, "euler", "fp32", text_length=32))
+    memory_gib = (model_only + encoder.device_bytes() / 2) / GIB
+    with pytest.raises(ValueError, match=r"batch_size=2 at 32 px \(euler, fp32\) needs an estimated"):
+        generate(loaded, CONFIG, tmp_path / "x", 2, 2, prompts=prompt_set(["a"]), device_memory_gib=memory_gib)
+    generate(loaded, CONFIG, tmp_path / "y", 1, 1, prompts=prompt_set(["a"]), device_memory_gib=memory_gib + 1, save_png=False)
 
 
 def test_bad_prompt_inputs_are_clear_errors(tmp_path):

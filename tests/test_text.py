@@ -70,3 +70,8 @@ def test_load_t5_reads_a_local_folder_and_never_downloads(encoder, tmp_path):
         load_t5(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="not available locally"):
         load_t5("pixelflow-tests/not-a-model")
+
+
+def test_device_bytes_counts_weights_and_a_full_cache(encoder):
+    weights = sum(p.numel() * 4 for p in encoder.model.parameters())
+    assert encoder.device_bytes() == weights + 3 * 16 * (24 * 4 + 8)  # cache_size 3, max_length 16, fp32 states
