@@ -26,7 +26,7 @@ from pixelflow.prompts import PromptSet, load_text_encoder
 from pixelflow.samplers import CascadeNoise, CascadeSampler, SamplerConfig, to_uint8
 from pixelflow.sampling_memory import check_sampling_fits
 
-__all__ = ["balanced_labels", "sample_seed", "generate", "assemble", "device_memory_bytes"]
+__all__ = ["balanced_labels", "sample_seed", "finished_indices", "generate", "assemble", "device_memory_bytes"]
 
 SHARD_DIR = "shards"
 
@@ -40,7 +40,8 @@ def sample_seed(seed: int, index: int) -> int:
     return seed * 10_000_000 + index
 
 
-def _finished_indices(shard_dir: Path) -> set[int]:
+def finished_indices(shard_dir: Path) -> set[int]:
+    """Sample indices already in readable shards of ``shard_dir`` (unreadable shards are deleted)."""
     done: set[int] = set()
     for shard in sorted(shard_dir.glob("shard_*.npz")):
         try:
@@ -151,7 +152,7 @@ def generate(loaded: LoadedModel, config: SamplerConfig, out_dir: str | Path, nu
     fabric.barrier()
 
     labels = None if classes is None else balanced_labels(num_samples, classes)
-    done = _finished_indices(shard_dir) if fabric.is_global_zero else set()
+    done = finished_indices(shard_dir) if fabric.is_global_zero else set()
     done = fabric.broadcast(done, src=0)
     todo = torch.tensor(sorted(set(range(num_samples)) - done), dtype=torch.long)
     batches = [b for i, b in enumerate(todo.split(batch_size)) if i % fabric.world_size == fabric.global_rank]

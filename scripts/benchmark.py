@@ -3,6 +3,7 @@
     python scripts/benchmark.py                                   # Tiny/4, 32 px, CPU
     python scripts/benchmark.py --model XL/4 --micro-batch 32 --precision bf16-mixed --device cuda
     python scripts/benchmark.py --model XL/4 --device meta        # FLOPs only (no memory, no GPU)
+    python scripts/benchmark.py --sampling --model XL/4 --device cuda --sample-batch 16 --sample-steps 30 --out s.json
 
 Training: AdamW (foreach on CUDA), gradient clipping 1.0, EMA every step, ``--accumulation``
 micro-batches per optimizer step, the real ``cascade_loss`` (per-stage sub-batches) on random
@@ -12,6 +13,12 @@ counted by a dispatch mode because CPU has no allocator statistics). FLOPs per i
 ``torch.utils.flop_counter.FlopCounterMode`` (fwd + bwd of one micro-batch); MFU is reported
 where a CUDA device is present. ``padding`` compares the per-stage sub-batches with one padded
 batch at the full size: tokens, FLOPs and (except on meta) measured time of forward + backward.
+
+``--sampling`` measures sampling only: seconds and model calls per image of every method in ``--methods``
+at the given size, batch, steps, CFG and precision. Model calls are network rows counted as they run
+(:class:`pixelflow.call_counter.CallCounter`: 2 per guided call, 1 where the guidance weight is 1, every
+adaptive Dopri5 step). Dopri5's step count depends on the weights: without ``--ckpt`` the network has
+its initial weights (zeroed output layer, velocity 0), so pass ``--ckpt`` for a trained model's counts.
 """
 
 from __future__ import annotations
@@ -35,11 +42,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pixelflow.call_counter import CallCounter  # noqa: E402
 from pixelflow.cascade import CascadeSchedule  # noqa: E402
+from pixelflow.checkpoint import load_pixelflow  # noqa: E402
 from pixelflow.model import PixelFlowTransformer, build_model  # noqa: E402
 from pixelflow.objective import cascade_loss  # noqa: E402
 from pixelflow.precision import PRECISIONS, resolve_precision, sampling_precision  # noqa: E402
-from pixelflow.samplers import CascadeSampler, SamplerConfig  # noqa: E402
+from pixelflow.samplers import METHODS, CascadeSampler, SamplerConfig  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) used for MFU; override with --peak-tflops.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0, "L4": 121.0,
@@ -209,16 +218,60 @@ def peak_memory(recipe: Recipe) -> tuple[int, str]:
     return tracker.peak, "live tensor bytes high-water mark (TensorMemoryTracker)"
 
 
+def measure_sampling(model: torch.nn.Module, schedule: CascadeSchedule, config: SamplerConfig, batch: int,
+                     precision: str, device: torch.device, repeats: int) -> dict:
+    """Seconds and counted model calls of sampling ``batch`` images with ``config`` (after one untimed warm-up)."""
+    counter = CallCounter(model.eval())
+    sampler = CascadeSampler(counter, schedule, config)
+    labels = torch.arange(batch, device=device) % model.num_classes
+    with sampling_precision(precision, device):
+        seconds = timed(lambda: sampler.sample(labels, generator=torch.Generator(device).manual_seed(0)), device, repeats)
+    runs = repeats + 1  # the warm-up is counted too: every run draws the same noise, so it makes the same calls
+    return {"seconds_per_image": seconds / batch, "images_per_s": batch / seconds, "seconds_per_batch": seconds,
+            "model_calls_per_image": counter.rows / (batch * runs), "forward_calls_per_batch": counter.calls / runs}
+
+
 def sampling_report(model: PixelFlowTransformer, schedule: CascadeSchedule, args: argparse.Namespace,
                     device: torch.device) -> dict:
-    sampler = CascadeSampler(model.eval(), schedule, SamplerConfig(method="euler", steps=args.sample_steps, cfg=args.cfg))
-    labels = torch.arange(args.sample_batch, device=device) % args.num_classes
-    with sampling_precision(args.sample_precision, device):
-        seconds = timed(lambda: sampler.sample(labels, generator=torch.Generator(device).manual_seed(0)), device, 1)
+    measured = measure_sampling(model, schedule, SamplerConfig(method="euler", steps=args.sample_steps, cfg=args.cfg),
+                                args.sample_batch, args.sample_precision, device, 1)
     model.train()
-    return {"images_per_s": args.sample_batch / seconds, "seconds_per_batch": seconds, "batch": args.sample_batch,
-            "precision": resolve_precision(args.sample_precision, device),
-            "steps_per_stage": args.sample_steps, "cfg": args.cfg, "model_calls": args.sample_steps * args.num_stages}
+    return {"images_per_s": measured["images_per_s"], "seconds_per_batch": measured["seconds_per_batch"],
+            "batch": args.sample_batch, "precision": resolve_precision(args.sample_precision, device),
+            "steps_per_stage": args.sample_steps, "cfg": args.cfg, "model_calls": int(measured["forward_calls_per_batch"]),
+            "model_calls_per_image": measured["model_calls_per_image"]}
+
+
+def sampling_benchmark(args: argparse.Namespace) -> dict:
+    """``--sampling``: every method in ``args.methods`` on one model, batch, size and precision."""
+    device = torch.device(args.device)
+    if device.type == "meta":
+        raise SystemExit("error: --sampling measures time and needs --device cpu or cuda (meta only counts FLOPs)")
+    if args.ckpt:
+        loaded = load_pixelflow(args.ckpt)
+        model, schedule, weights = loaded.model.to(device), loaded.schedule, loaded.source
+        if not model.num_classes:
+            raise SystemExit(f"error: {args.ckpt} is a text-to-image model; --sampling measures class-to-image models")
+    else:
+        args.image_size = args.image_size or default_image_size(args.model)
+        with torch.device(device):
+            model = build_model(args.model, num_classes=args.num_classes or (10 if args.image_size <= 64 else 1000))
+        schedule = CascadeSchedule(image_size=args.image_size, num_stages=args.num_stages)
+        weights = "initial (untrained: zeroed output layer, velocity 0)"
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    precision = resolve_precision(args.sample_precision, device)
+    methods = {}
+    for method in args.methods:
+        config = SamplerConfig(method=method, steps=args.sample_steps, cfg=args.cfg)
+        methods[method] = measure_sampling(model, schedule, config, args.sample_batch, precision, device, args.repeats)
+    return {"model": args.model if not args.ckpt else None, "weights": weights,
+            "params": sum(p.numel() for p in model.parameters()), "image_size": schedule.image_size,
+            "num_stages": schedule.num_stages, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "sampling": {"batch": args.sample_batch, "precision": precision, "steps_per_stage": args.sample_steps,
+                         "cfg": args.cfg, "timed_runs": args.repeats, "methods": methods}}
 
 
 def sampling_flops_per_image(model: PixelFlowTransformer, schedule: CascadeSchedule, args: argparse.Namespace,
@@ -244,6 +297,8 @@ def device_peak_tflops(device: torch.device, override: float | None) -> float | 
 
 def run(args: argparse.Namespace) -> dict:
     """Run every measurement the flags ask for; return the JSON-ready result."""
+    if args.sampling:
+        return sampling_benchmark(args)
     device = torch.device(args.device)
     torch.manual_seed(0)
     args.image_size = args.image_size or default_image_size(args.model)
@@ -300,19 +355,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu, cuda, or meta (count FLOPs only)")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps (after one warm-up)")
     p.add_argument("--sample-batch", type=int, default=4, help="0 skips the sampling benchmark")
-    p.add_argument("--sample-steps", type=int, default=2, help="Euler steps per stage")
+    p.add_argument("--sample-steps", type=int, default=2, help="steps per stage (Euler, Heun, AB2; Dopri5 adapts)")
     p.add_argument("--cfg", type=float, default=4.0)
     p.add_argument("--sample-precision", choices=PRECISIONS, default="auto",
                    help="sampling precision (pixelflow/precision.py): auto = bf16 on CUDA, fp32 elsewhere")
     p.add_argument("--no-padding", dest="padding", action="store_false", help="skip the padded-batch comparison")
+    p.add_argument("--sampling", action="store_true", help="measure sampling only: every method in --methods")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="--sampling: the methods to run")
+    p.add_argument("--repeats", type=int, default=3, help="--sampling: timed runs per method (after one warm-up)")
+    p.add_argument("--ckpt", default=None, help="--sampling: a checkpoint or export to sample from (its size and "
+                   "stages; default: --model with initial weights)")
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON to this file")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: table by GPU name)")
     p.add_argument("--assumed-mfu", type=float, nargs="+", default=[0.3, 0.4, 0.5], help="for --device meta estimates")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    result = run(parse_args(argv))
+    args = parse_args(argv)
+    result = run(args)
     print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from pixelflow.integrators import model_calls
+
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
@@ -50,6 +52,23 @@ def test_benchmark_meta_counts_flops_without_memory(capsys):
     # stage (4 F) x 3 steps x 2 (guidance batch) = 24 F: eight times as much.
     assert sample["flops_per_image"] == pytest.approx(8 * train["flops_per_image"], rel=0.1)
     assert result["padding"]["token_ratio_padded_over_sub"] == pytest.approx(4 * 8**2 / (1 + 2**2 + 4**2 + 8**2))
+
+
+def test_sampling_benchmark_reports_every_method_with_counted_model_calls(tmp_path, capsys):
+    out = tmp_path / "sampling.json"
+    result = benchmark.main(["--sampling", "--model", "Test/2", "--sample-batch", "2", "--sample-steps", "3", "--cfg", "4",
+                             "--repeats", "1", "--out", str(out)])
+    assert json.loads(capsys.readouterr().out) == json.loads(out.read_text()) == json.loads(json.dumps(result))
+    sampling = result["sampling"]
+    assert (sampling["batch"], sampling["precision"], sampling["steps_per_stage"]) == (2, "fp32", 3)
+    assert list(sampling["methods"]) == ["euler", "heun", "ab2", "dopri5"]
+    for method, m in sampling["methods"].items():
+        assert m["seconds_per_image"] > 0 and m["images_per_s"] > 0
+        if method != "dopri5":  # 4 stages: stage 0 (w = 1) conditional-only, the guided three 2 rows a call
+            assert m["model_calls_per_image"] == model_calls(method, 3) * (1 + 3 * 2)
+            assert m["forward_calls_per_batch"] == model_calls(method, 3) * 4
+    assert sampling["methods"]["dopri5"]["model_calls_per_image"] >= 4 * 2  # at least two evaluations a stage
+    assert result["image_size"] == 32 and "initial" in result["weights"]
 
 
 @pytest.mark.slow

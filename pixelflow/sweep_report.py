@@ -1,0 +1,98 @@
+"""A sampler sweep's report: ``results.csv``, ``results.md`` and plots of every metric.
+
+Plots (``plots/``): ``<metric>_vs_model_calls.png`` (one line per method and any other setting that varies,
+points along the step counts) and, where the sweep has more than one CFG value, ``<metric>_vs_cfg.png``
+(one line per step count and any other varying setting).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["SETTINGS", "MEASURES", "result_rows", "write_tables", "plot_results", "write_report"]
+
+SETTINGS = ("method", "steps", "cfg", "shift", "guidance_interval", "num_samples")
+MEASURES = ("model_calls_per_image", "seconds_per_image")
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return "[" + ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def result_rows(results: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Metric names (sorted) and one flat row per cell: settings, measures, every metric (None where unavailable)."""
+    metrics = sorted({m for r in results for m in r["metrics"]})
+    rows = [{**r["settings"], **{k: r[k] for k in MEASURES}, **{m: r["metrics"].get(m) for m in metrics}} for r in results]
+    return metrics, rows
+
+
+def write_tables(out_dir: Path, results: list[dict[str, Any]]) -> tuple[Path, Path]:
+    """``results.csv`` and ``results.md``: one row per cell (guidance_interval empty = guidance everywhere)."""
+    metrics, rows = result_rows(results)
+    columns = [*SETTINGS, *MEASURES, *metrics]
+    with open(out_dir / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, columns)
+        writer.writeheader()
+        writer.writerows({c: _text(row[c]) if c in SETTINGS else row[c] for c in columns} for row in rows)
+    fmt = lambda v: "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_text(row[c]) if c in SETTINGS else fmt(row[c]) for c in columns) + " |" for row in rows]
+    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+    return out_dir / "results.csv", out_dir / "results.md"
+
+
+def _plot(rows: list[dict[str, Any]], metric: str, x: str, along: str, first: str, xlabel: str, path: Path) -> Path:
+    """``metric`` against ``x``; one line per value of the settings other than ``along`` that vary (``first`` leads)."""
+    varying = [k for k in SETTINGS if k != along and len({_text(r[k]) for r in rows}) > 1]
+    keys = [first, *[k for k in varying if k != first]]
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for row in rows:
+        if row[metric] is not None:
+            label = " ".join(f"{k}={_text(row[k]) or 'all'}" if k != "method" else row[k] for k in keys)
+            lines.setdefault(label, []).append((float(row[x]), float(row[metric])))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in lines.items():
+        ax.plot(*zip(*sorted(points)), marker="o", label=label)
+    values = [float(r[x]) for r in rows]
+    if min(values) > 0 and max(values) >= 10 * min(values):
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_results(out_dir: Path, results: list[dict[str, Any]]) -> list[Path]:
+    """Every metric against model calls per image, and against CFG when the sweep has several CFG values."""
+    metrics, rows = result_rows(results)
+    plots = out_dir / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    paths = []
+    several_cfg = len({r["cfg"] for r in rows}) > 1
+    for metric in metrics:
+        paths.append(_plot(rows, metric, "model_calls_per_image", "steps", "method", "model calls per image",
+                           plots / f"{metric}_vs_model_calls.png"))
+        if several_cfg:
+            paths.append(_plot(rows, metric, "cfg", "cfg", "steps", "CFG scale", plots / f"{metric}_vs_cfg.png"))
+    return paths
+
+
+def write_report(out_dir: str | Path, results: list[dict[str, Any]]) -> list[Path]:
+    """Tables and plots of ``results`` in ``out_dir``; returns the paths written."""
+    out_dir = Path(out_dir)
+    return [*write_tables(out_dir, results), *plot_results(out_dir, results)]
