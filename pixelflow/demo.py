@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pixelflow.checkpoint import RELEASED_URL, CheckpointError, LoadedModel, load_pixelflow
+from pixelflow.compile import compile_for_sampling, sampling_shapes
 from pixelflow.precision import resolve_precision, sampling_precision
 from pixelflow.prompts import load_text_encoder
 from pixelflow.samplers import CascadeSampler, SamplerConfig, to_uint8
@@ -249,6 +250,13 @@ class DemoModel:
             prompt=prompt,
             negative_prompt=negative_prompt,
         )
+
+    def compile(self, num_images: int, cfg: float) -> float:
+        """torch.compile the network (:mod:`pixelflow.compile`) warmed for ``num_images`` images at guidance ``cfg``;
+        other request shapes compile when first asked for. Returns the seconds spent compiling."""
+        shapes = sampling_shapes(self.schedule, [SamplerConfig(cfg=cfg)], [num_images])
+        self.model, seconds = compile_for_sampling(self.model, shapes, self.precision, room=2 * self.max_images * len(self.stage_sides))
+        return seconds
 
     def generate(self, request: GenerationRequest, on_step: Callable[[int, int, int], None] | None = None) -> Generation:
         """Sample ``request.num_images`` images; the same request (seed included) gives the same pixels."""

@@ -164,6 +164,10 @@ def build_demo(cfg: Mapping[str, Any]) -> gr.Blocks:
     else:
         kind = "text-to-image" if dm.is_text else f"{len(dm.class_names)} classes"
         log.info("loaded %s (%s, %s px, %s)", dm.source, kind, dm.stage_sides[-1], dm.device)
+        if cfg.get("compile", False):
+            controls = cfg["controls"]
+            seconds = dm.compile(int(controls["num_images"]), float(controls["cfg"]))
+            log.info("compiled the network in %.1f s (warmed for %s image(s) at CFG %s)", seconds, controls["num_images"], controls["cfg"])
     with gr.Blocks(title="PixelFlow demo", analytics_enabled=bool(cfg.get("analytics", False)),
                    delete_cache=(3600, 3600)) as demo:
         if dm is None:

@@ -6,6 +6,8 @@ per image, written when generation finishes), ``metrics.json`` (:mod:`pixelflow.
 ``result.json``, written atomically last: a restarted sweep skips every cell that has one. Every cell
 uses the same per-sample seeds, so cells differ only by their sampler settings. ``OUT/sweep.json``
 records the fixed settings (checkpoint, reference, seed, ...); a restart with other ones is refused.
+With ``compile``, the network is compiled once for the cells still to run, before the first of them;
+the compile time goes to ``OUT/compile.json``, not into any cell's seconds per image.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from lightning.fabric import Fabric
 
 from pixelflow.call_counter import CallCounter
 from pixelflow.checkpoint import LoadedModel
+from pixelflow.compile import batch_sizes, compile_loaded
 from pixelflow.generate import SHARD_DIR, finished_indices, generate
 from pixelflow.metrics.evaluation import EvalOptions, evaluate, write_metrics
 from pixelflow.metrics.io import load_image_set
@@ -79,6 +82,7 @@ class SweepOptions:
     precision: str = "auto"
     atol: float = 1e-6  # dopri5 only
     rtol: float = 1e-3  # dopri5 only
+    compile: bool = False  # torch.compile the network once, for every shape the cells still to run need
     fixed: dict[str, Any] = field(default_factory=dict)  # further settings that must not change on a restart
 
 
@@ -209,6 +213,11 @@ def run_sweep(loaded: LoadedModel, cells: list[Cell], out_dir: str | Path, score
     shared = {k: v for k, v in asdict(opts).items() if k != "fixed"}
     _check_fixed(out_dir / "sweep.json", {**shared, **opts.fixed, "checkpoint": loaded.source})
     fabric = fabric or Fabric(accelerator="auto", devices=1)
+    todo = [c for c in cells if not (out_dir / "cells" / c.name / "result.json").is_file()]
+    if opts.compile and todo:
+        sizes = set().union(*(batch_sizes(c.num_samples, opts.batch_size) for c in todo))
+        loaded, seconds = compile_loaded(loaded, [c.sampler_config() for c in todo], sizes, fabric.device, opts.precision)
+        write_metrics({"compile_seconds": seconds, "cells": [c.name for c in todo]}, out_dir / "compile.json")
     counter = CallCounter(loaded.model)
     results = []
     for i, cell in enumerate(cells):

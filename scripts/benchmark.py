@@ -15,7 +15,8 @@ where a CUDA device is present. ``padding`` compares the per-stage sub-batches w
 batch at the full size: tokens, FLOPs and (except on meta) measured time of forward + backward.
 
 ``--sampling`` measures sampling only: seconds and model calls per image of every method in ``--methods``
-at the given size, batch, steps, CFG and precision. Model calls are network rows counted as they run
+at the given size, batch, steps, CFG, precision and ``--compile`` setting (compile time reported apart,
+as ``compile_seconds``). Model calls are network rows counted as they run
 (:class:`pixelflow.call_counter.CallCounter`: 2 per guided call, 1 where the guidance weight is 1, every
 adaptive Dopri5 step). Dopri5's step count depends on the weights: without ``--ckpt`` the network has
 its initial weights (zeroed output layer, velocity 0), so pass ``--ckpt`` for a trained model's counts.
@@ -45,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pixelflow.call_counter import CallCounter  # noqa: E402
 from pixelflow.cascade import CascadeSchedule  # noqa: E402
 from pixelflow.checkpoint import load_pixelflow  # noqa: E402
+from pixelflow.compile import compile_for_sampling, sampling_shapes  # noqa: E402
 from pixelflow.model import PixelFlowTransformer, build_model  # noqa: E402
 from pixelflow.objective import cascade_loss  # noqa: E402
 from pixelflow.precision import PRECISIONS, resolve_precision, sampling_precision  # noqa: E402
@@ -261,17 +263,21 @@ def sampling_benchmark(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     precision = resolve_precision(args.sample_precision, device)
-    methods = {}
-    for method in args.methods:
-        config = SamplerConfig(method=method, steps=args.sample_steps, cfg=args.cfg)
-        methods[method] = measure_sampling(model, schedule, config, args.sample_batch, precision, device, args.repeats)
+    configs = {method: SamplerConfig(method=method, steps=args.sample_steps, cfg=args.cfg) for method in args.methods}
+    compile_seconds = None
+    if args.compile:  # once, for every method's shapes; the timed runs below are then steady state
+        shapes = sampling_shapes(schedule, configs.values(), [args.sample_batch])
+        model, compile_seconds = compile_for_sampling(model.eval(), shapes, precision)
+    methods = {method: measure_sampling(model, schedule, config, args.sample_batch, precision, device, args.repeats)
+               for method, config in configs.items()}
     return {"model": args.model if not args.ckpt else None, "weights": weights,
             "params": sum(p.numel() for p in model.parameters()), "image_size": schedule.image_size,
             "num_stages": schedule.num_stages, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "sampling": {"batch": args.sample_batch, "precision": precision, "steps_per_stage": args.sample_steps,
-                         "cfg": args.cfg, "timed_runs": args.repeats, "methods": methods}}
+                         "cfg": args.cfg, "timed_runs": args.repeats, "compile": args.compile,
+                         "compile_seconds": compile_seconds, "methods": methods}}
 
 
 def sampling_flops_per_image(model: PixelFlowTransformer, schedule: CascadeSchedule, args: argparse.Namespace,
@@ -365,6 +371,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="--sampling: timed runs per method (after one warm-up)")
     p.add_argument("--ckpt", default=None, help="--sampling: a checkpoint or export to sample from (its size and "
                    "stages; default: --model with initial weights)")
+    p.add_argument("--compile", action="store_true", help="--sampling: torch.compile the network first "
+                   "(pixelflow/compile.py; its time is compile_seconds, apart from the per-method speeds)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON to this file")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: table by GPU name)")
     p.add_argument("--assumed-mfu", type=float, nargs="+", default=[0.3, 0.4, 0.5], help="for --device meta estimates")

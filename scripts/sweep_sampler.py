@@ -39,7 +39,7 @@ def run(cfg: DictConfig, on_cell_done: Callable[[Cell, dict], None] | None = Non
     fixed = {"ref": ref, "ema": c["ema"], "inception": evals.inception, "classifier": evals.classifier,
              "num_ref": evals.num_ref, "inception_weights": evals.inception_weights, "kid": evals.kid}
     opts = SweepOptions(batch_size=c["batch_size"], seed=c["seed"], classes=c["classes"], precision=c["precision"],
-                        atol=c["atol"], rtol=c["rtol"], fixed=fixed)
+                        atol=c["atol"], rtol=c["rtol"], compile=bool(c["compile"]), fixed=fixed)
     fabric = Fabric(accelerator=c["accelerator"], devices=1)
     results = run_sweep(loaded, cells, c["out_dir"], reference_scorer(ref, evals), opts, fabric, on_cell_done)
     paths = write_report(c["out_dir"], results)

@@ -69,6 +69,16 @@ def test_sampling_benchmark_reports_every_method_with_counted_model_calls(tmp_pa
             assert m["forward_calls_per_batch"] == model_calls(method, 3) * 4
     assert sampling["methods"]["dopri5"]["model_calls_per_image"] >= 4 * 2  # at least two evaluations a stage
     assert result["image_size"] == 32 and "initial" in result["weights"]
+    assert (sampling["compile"], sampling["compile_seconds"]) == (False, None)
+
+
+@pytest.mark.slow
+def test_sampling_benchmark_compiles_first_and_reports_the_compile_time_apart():
+    result = benchmark.main(["--sampling", "--compile", "--model", "Test/2", "--num-stages", "2", "--methods", "euler",
+                             "--cfg", "1", "--sample-batch", "2", "--sample-steps", "2", "--repeats", "1"])
+    sampling = result["sampling"]
+    assert sampling["compile"] and sampling["compile_seconds"] > 0
+    assert sampling["methods"]["euler"]["model_calls_per_image"] == 2 * 2 and sampling["methods"]["euler"]["seconds_per_image"] > 0
 
 
 @pytest.mark.slow

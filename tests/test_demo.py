@@ -35,14 +35,14 @@ FAST = dict(steps_1=2, steps_2=2, steps_3=2, steps_4=3)  # few steps: the API te
 
 
 # ---- helpers shared with tests/test_demo_browser.py -----------------------------------------
-def make_tiny_checkpoint(out_dir: Path) -> Path:
-    """A random Test/2 model (10 classes, 32 px, 4 stages) in the released model.pt + config.yaml layout."""
+def make_tiny_checkpoint(out_dir: Path, num_stages: int = 4) -> Path:
+    """A random Test/2 model (10 classes, 32 px, ``num_stages`` stages) in the released model.pt + config.yaml layout."""
     torch.manual_seed(0)
     model = build_model("Test/2", num_classes=10)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.05)
-    return export_released_format(model, CascadeSchedule(image_size=32), out_dir, NAMES)
+    return export_released_format(model, CascadeSchedule(image_size=32, num_stages=num_stages), out_dir, NAMES)
 
 
 def free_port() -> int:
@@ -114,6 +114,18 @@ def test_generate_is_deterministic_and_previews_every_stage(demo_model):
     assert a.stage_previews[1][-1].tobytes() == a.images[1].tobytes()  # the last stage is the final image
     first = np.asarray(a.stage_previews[0][0])  # 4 px stage upsampled x8: constant 8x8 blocks
     assert (first == np.repeat(np.repeat(first[::8, ::8], 8, 0), 8, 1)).all()
+
+
+@pytest.mark.slow
+def test_compiled_demo_model_gives_the_eager_pixels(tmp_path):
+    dm = DemoModel.load(make_tiny_checkpoint(tmp_path, num_stages=2), device="cpu", max_images=2)  # 2 shapes: ~a minute
+    req = dm.validate(3, False, 1.0, 1.0, [1, 2], 11, 2)
+    eager = dm.generate(req)
+    assert dm.compile(num_images=2, cfg=1.0) > 0  # compiled and warmed: both stages' shapes of 2 conditional-only images
+    fast = dm.generate(req)
+    assert dm.model is not dm.model._orig_mod and fast.nfe == eager.nfe
+    diff = [np.abs(np.asarray(f, dtype=int) - np.asarray(e, dtype=int)).max() for f, e in zip(fast.images, eager.images)]
+    assert len(diff) == 2 and max(diff) <= 1  # float ulps may flip a rounding
 
 
 def test_progress_callback_sees_every_step_of_every_stage(demo_model):

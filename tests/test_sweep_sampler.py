@@ -173,3 +173,19 @@ def test_cli_sweep_scores_with_inception_against_a_reference_file(tmp_path, ckpt
                            cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert again.returncode != 0 and "other fixed settings (seed: 0 then, 1 now)" in again.stderr
     assert "Traceback" not in again.stderr
+
+
+@pytest.mark.slow
+def test_compiled_sweep_gives_the_eager_images_and_reports_compile_time_apart(tmp_path, tiny_model):
+    schedule = CascadeSchedule(image_size=32, num_stages=2)  # two shapes to compile keeps this to ~a minute on CPU
+    ckpt = export_released_format(tiny_model, schedule, tmp_path / "ckpt", [str(i) for i in range(10)])
+    cells, cpu = build_grid("euler", [2], [1], 1.0, [None], 2, num_stages=2), Fabric(accelerator="cpu")
+    eager = run_sweep(load_pixelflow(ckpt), cells, tmp_path / "eager", mean_pixel, SweepOptions(batch_size=2), cpu)
+    compiled = run_sweep(load_pixelflow(ckpt), cells, tmp_path / "compiled", mean_pixel,
+                         SweepOptions(batch_size=2, compile=True), cpu)
+    record = json.loads((tmp_path / "compiled" / "compile.json").read_text())
+    assert record["compile_seconds"] > 0 and record["cells"] == [cells[0].name]
+    assert compiled[0]["model_calls_per_image"] == eager[0]["model_calls_per_image"] == 2 * 2
+    with np.load(tmp_path / "eager" / "cells" / cells[0].name / "samples.npz") as a, \
+            np.load(tmp_path / "compiled" / "cells" / cells[0].name / "samples.npz") as b:
+        assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1  # float ulps may flip a rounding
