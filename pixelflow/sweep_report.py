@@ -52,8 +52,10 @@ def write_tables(out_dir: Path, results: list[dict[str, Any]]) -> tuple[Path, Pa
     return out_dir / "results.csv", out_dir / "results.md"
 
 
-def _plot(rows: list[dict[str, Any]], metric: str, x: str, along: str, first: str, xlabel: str, path: Path) -> Path:
-    """``metric`` against ``x``; one line per value of the settings other than ``along`` that vary (``first`` leads)."""
+def _plot(rows: list[dict[str, Any]], metric: str, x: str, along: str, first: str, xlabel: str, path: Path) -> Path | None:
+    """``metric`` against ``x``; one line per value of the settings other than ``along`` that vary (``first`` leads).
+
+    None (no file) where no cell has the metric."""
     varying = [k for k in SETTINGS if k != along and len({_text(r[k]) for r in rows}) > 1]
     keys = [first, *[k for k in varying if k != first]]
     lines: dict[str, list[tuple[float, float]]] = {}
@@ -61,6 +63,8 @@ def _plot(rows: list[dict[str, Any]], metric: str, x: str, along: str, first: st
         if row[metric] is not None:
             label = " ".join(f"{k}={_text(row[k]) or 'all'}" if k != "method" else row[k] for k in keys)
             lines.setdefault(label, []).append((float(row[x]), float(row[metric])))
+    if not lines:
+        return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, points in lines.items():
         ax.plot(*zip(*sorted(points)), marker="o", label=label)
@@ -89,7 +93,7 @@ def plot_results(out_dir: Path, results: list[dict[str, Any]]) -> list[Path]:
                            plots / f"{metric}_vs_model_calls.png"))
         if several_cfg:
             paths.append(_plot(rows, metric, "cfg", "cfg", "steps", "CFG scale", plots / f"{metric}_vs_cfg.png"))
-    return paths
+    return [p for p in paths if p is not None]
 
 
 def write_report(out_dir: str | Path, results: list[dict[str, Any]]) -> list[Path]:

@@ -52,6 +52,18 @@ def test_sample_cli_end_to_end(tmp_path, ckpt):
     assert len(list((out / "images").glob("*.png"))) == 12 and (out / "grid.png").is_file()
 
 
+@pytest.mark.slow
+def test_sample_cli_compiled_gives_the_eager_images(tmp_path, tiny_model):
+    ckpt = export_released_format(tiny_model, CascadeSchedule(image_size=32, num_stages=2), tmp_path / "ckpt")  # 2 shapes
+    args = (f"ckpt={ckpt}", "num_samples=3", "batch_size=2", "sampler.steps=2", "sampler.cfg=1", "save_png=false")
+    for name, extra in (("eager", []), ("compiled", ["compile=true"])):
+        log = sample_cli(*args, f"out_dir={tmp_path / name}", *extra).communicate(timeout=600)[0]
+        assert (tmp_path / name / "samples.npz").is_file(), log
+    assert "compiled the network for 4 sampling shapes" in log  # batches of 2 and the last 1, at both stages
+    eager, compiled = (np.load(tmp_path / n / "samples.npz")["arr_0"].astype(int) for n in ("eager", "compiled"))
+    assert eager.shape == (3, 32, 32, 3) and np.abs(eager - compiled).max() <= 1  # float ulps may flip a rounding
+
+
 def test_sample_cli_picks_an_ema_rate_of_an_export(tmp_path, tiny_model):
     schedule, out = CascadeSchedule(image_size=32), tmp_path / "out"
     export_released_format(tiny_model, schedule, tmp_path / "export", ema_decays=[0.9, 0.5])
