@@ -79,6 +79,9 @@ class EvaluateSamples(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Check every setting before the first step, so a typo fails now and not after hours of training."""
+        if pl_module.model.cross_attention_dim:
+            raise ValueError("callbacks.evaluate samples class labels and cannot drive a text-to-image model: drop it "
+                             "(callbacks/evaluate=null); score text-to-image samples with sample.py prompts and evaluate.py")
         self.config.validate(pl_module.schedule.num_stages)
         for rate in self.ema or []:
             pl_module.ema_model(rate)

@@ -93,3 +93,12 @@ def test_t2i_resume_is_exact(tmp_path):
 def test_text_encoder_and_data_must_agree(tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
         build_training(compose_config("train", t2i_overrides(tmp_path / "run", 2, extra)))
+
+
+def test_evaluation_callback_refuses_a_t2i_model(tmp_path):
+    overrides = [o for o in t2i_overrides(tmp_path / "run", 2) if o != "~callbacks/evaluate"]
+    cfg = compose_config("train", [*overrides, "callbacks/evaluate=mnist_classifier"])
+    trainer, module, _ = build_training(cfg)
+    callback = next(c for c in trainer.callbacks if type(c).__name__ == "EvaluateSamples")
+    with pytest.raises(ValueError, match="cannot drive a text-to-image model"):
+        callback.on_fit_start(trainer, module)
