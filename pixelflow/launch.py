@@ -118,7 +118,7 @@ def build_text_encoder(cfg: DictConfig, datamodule: L.LightningDataModule) -> Te
                          "caption datamodule (e.g. data=mnist_captions) or drop text_encoder (text_encoder=null)")
     if not spec and not datamodule.num_classes:
         raise ValueError(f"data ({cfg.data._target_}) yields captions but no text_encoder is configured: add one, e.g. "
-                         "+text_encoder._target_=pixelflow.text.tiny_random_t5 (see conf/experiment/mnist_t2i_quickstart.yaml)")
+                         "text_encoder='{_target_: pixelflow.text.tiny_random_t5}' (see conf/experiment/mnist_t2i_quickstart.yaml)")
     return instantiate(spec) if spec else None
 
 

@@ -145,11 +145,16 @@ def load_t5(source: str | Path = T5_NAME, device: torch.device | str = "cpu", dt
 
 
 def tiny_random_t5(d_model: int = 64, num_layers: int = 2, num_heads: int = 4, d_ff: int = 128, seed: int = 0,
-                   max_length: int = 32, cache_size: int = 1024) -> TextEncoder:
+                   max_length: int = 32, cache_size: int = 1024,
+                   neighbour_offsets: Sequence[int] | None = (-2, -1, 1, 2), neighbour_bias: float = 10.0) -> TextEncoder:
     """A small random-init T5 encoder with the byte-level ByT5 tokenizer: needs no files and downloads nothing.
 
     Random weights are enough for training a small text-to-image model (distinct prompts give distinct
-    states); ``seed`` fixes them, so every run (and a resumed one) builds the same encoder.
+    states); ``seed`` fixes them, so every run (and a resumed one) builds the same encoder. Random
+    attention is near uniform, so every byte's state would mix in the whole prompt; with
+    ``neighbour_offsets`` the relative position bias (``neighbour_bias`` logits) makes head h attend to the
+    byte at offset ``neighbour_offsets[h % len]``, so a byte's state encodes its word, not the sentence,
+    and a word gets about the same states in any phrasing (None: keep the random bias).
     """
     from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
@@ -161,4 +166,23 @@ def tiny_random_t5(d_model: int = 64, num_layers: int = 2, num_heads: int = 4, d
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = T5EncoderModel(config)
+    if neighbour_offsets:
+        _attend_to_neighbours(model, list(neighbour_offsets), neighbour_bias)
     return TextEncoder(model, tokenizer, max_length, cache_size)
+
+
+@torch.no_grad()
+def _attend_to_neighbours(model: nn.Module, offsets: list[int], strength: float) -> None:
+    """Relative position bias (shared by every layer): head h -> offset ``offsets[h % len]`` (+strength), itself 0,
+    every other position -strength (the byte itself when the offset falls outside the prompt)."""
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    config = model.config
+    bias = model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight  # (buckets, heads)
+    buckets = T5Attention._relative_position_bucket(torch.tensor([0, *offsets]), bidirectional=True,
+                                                    num_buckets=config.relative_attention_num_buckets,
+                                                    max_distance=config.relative_attention_max_distance).tolist()
+    bias.fill_(-strength)
+    bias[buckets[0], :] = 0.0
+    for head in range(bias.shape[1]):
+        bias[buckets[1 + head % len(offsets)], head] = strength

@@ -31,6 +31,18 @@ def test_tiny_random_t5_is_fixed_by_its_seed_and_tells_prompts_apart():
         tiny_random_t5(d_model=10, num_heads=4)
 
 
+def test_neighbour_attention_makes_a_word_s_states_independent_of_the_rest_of_the_prompt():
+    """'v' of "seven" sees 4 bytes each side after 2 layers: the same in both prompts, so the same state, which the
+    random (near uniform) attention would mix with the whole prompt."""
+    def v_state(encoder, prompt):
+        return encoder.encode([prompt])[0][0, prompt.index("seven") + 2]
+
+    for offsets, close in (((-2, -1, 1, 2), True), (None, False)):
+        encoder = tiny_random_t5(neighbour_offsets=offsets)
+        a, b = v_state(encoder, "one seven"), v_state(encoder, "a big, bold one seven")
+        assert (torch.cosine_similarity(a, b, dim=0) > 0.999) == close
+
+
 def test_caption_dropout_uses_the_empty_prompt_and_the_seeded_generator():
     model, schedule = build_model("T2I-Test/2", cross_attention_dim=16), CascadeSchedule(image_size=32, num_stages=4)
     encoder, seen = tiny_random_t5(d_model=16, num_heads=2), []

@@ -1,1 +1,2 @@
-"""Datasets and datamodules (MNIST quickstart; ImageNet and webdataset shards plug into the same interface)."""
+"""Datasets and datamodules: MNIST quickstart, ImageNet folders and webdataset shards, and (image, caption) pairs
+(MNIST template captions, caption folders, caption shards) for text-to-image."""
