@@ -7,7 +7,6 @@ from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 
 from pixelflow.checkpoint import CheckpointError, load_pixelflow
-from pixelflow.compile import batch_sizes, compile_loaded
 from pixelflow.generate import generate
 from pixelflow.prompts import prompt_set
 from pixelflow.samplers import SamplerConfig
@@ -27,12 +26,9 @@ def main(cfg: DictConfig) -> None:
     classes = list(cfg.classes) if cfg.classes is not None else None
     try:
         prompts = prompt_set(list(cfg.prompts) if OmegaConf.is_list(cfg.prompts) else cfg.prompts, cfg.prompts_file)
-        if cfg.compile:  # compile time is printed on its own; the progress bar's rate is then steady state
-            loaded, _ = compile_loaded(loaded, [SamplerConfig(**sampler_cfg)], batch_sizes(cfg.num_samples, cfg.batch_size),
-                                       fabric.device, cfg.precision)
         generate(loaded, SamplerConfig(**sampler_cfg), cfg.out_dir, cfg.num_samples, cfg.batch_size, cfg.seed,
                  classes, cfg.save_png, fabric, cfg.precision, cfg.device_memory_gib, prompts, cfg.negative_prompt,
-                 cfg.text_encoder)
+                 cfg.text_encoder, compile=cfg.compile)  # compiled after the memory check; its time printed apart
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ from lightning.fabric import Fabric
 from tqdm.auto import tqdm
 
 from pixelflow.checkpoint import LoadedModel
+from pixelflow.compile import compile_loaded
 from pixelflow.images import save_adm_npz, save_grid, save_pngs
 from pixelflow.precision import resolve_precision, sampling_precision
 from pixelflow.prompts import PromptSet, load_text_encoder
@@ -121,7 +122,7 @@ def _check_conditions(loaded: LoadedModel, classes: list[int] | None, prompts: P
 def generate(loaded: LoadedModel, config: SamplerConfig, out_dir: str | Path, num_samples: int, batch_size: int,
              seed: int = 0, classes: list[int] | None = None, save_png: bool = True, fabric: Fabric | None = None,
              precision: str = "auto", device_memory_gib: float | None = None, prompts: PromptSet | None = None,
-             negative_prompt: str = "", text_encoder: str | None = None) -> Path:
+             negative_prompt: str = "", text_encoder: str | None = None, compile: bool = False) -> Path:
     """Generate ``num_samples`` images into ``out_dir`` (shards, PNGs, grid, samples.npz); resumable.
 
     A text-to-image checkpoint takes ``prompts`` (cycled over the samples; the unconditional branch
@@ -129,7 +130,8 @@ def generate(loaded: LoadedModel, config: SamplerConfig, out_dir: str | Path, nu
     (a folder or Hugging Face name) if given. ``precision``: see :mod:`pixelflow.precision` (bf16 also
     runs the text encoder in bf16). A batch the memory model (:mod:`pixelflow.sampling_memory`) says
     will not fit the device (``device_memory_gib``, default a CUDA device's total memory; unchecked on
-    CPU; a text encoder on the device counted) is refused before any sampling.
+    CPU; a text encoder on the device counted) is refused before any sampling, and before ``compile``
+    (:func:`pixelflow.compile.compile_loaded` for the batches still to make; its time printed apart).
     """
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
@@ -160,6 +162,9 @@ def generate(loaded: LoadedModel, config: SamplerConfig, out_dir: str | Path, nu
         print(f"[pixelflow] resuming: {len(done)} of {num_samples} samples already in {shard_dir}")
 
     model = model.to(fabric.device).eval()
+    if compile and batches:
+        model = compile_loaded(replace(loaded, model=model), [config], {len(b) for b in batches}, fabric.device,
+                               precision)[0].model
     sampler = CascadeSampler(model, schedule, config)
     doubled = config.method == "dopri5"
     # tqdm's rate and ETA are in images (this rank's), so they read as images/s and time to finish.

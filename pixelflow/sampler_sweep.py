@@ -113,7 +113,8 @@ def build_grid(methods: Any, steps: Any, cfg: Any, shift: Any, guidance_interval
     """Every combination of the lists (a scalar counts as a one-entry list), each checked by ``SamplerConfig``.
 
     ``steps`` entries are an int or a per-stage list (``steps=[[10,20,30,30],8]``); ``guidance_interval``
-    entries are null or ``[lo, hi]``.
+    entries are null or ``[lo, hi]``. Dopri5 gets one cell per cfg / interval / sample count, named with
+    the first ``steps`` and ``shift`` (it uses neither).
     """
     axes = {"methods": [str(m) for m in _as_list(methods, "methods")],
             "steps": [_steps_entry(s) for s in _as_list(steps, "steps")],
@@ -127,6 +128,9 @@ def build_grid(methods: Any, steps: Any, cfg: Any, shift: Any, guidance_interval
     if min(axes["num_samples"]) < 2:
         raise SweepError(f"num_samples must be >= 2 (FID needs at least 2 images), got {axes['num_samples']}")
     cells = [Cell(*combo) for combo in itertools.product(*axes.values())]
+    # Dopri5 ignores steps and shift (adaptive, on each stage's own time): one cell per its other settings.
+    cells = list(dict.fromkeys(replace(c, steps=axes["steps"][0], shift=axes["shift"][0]) if c.method == "dopri5" else c
+                               for c in cells))
     for cell in cells:
         try:
             cell.sampler_config().validate(num_stages)

@@ -128,6 +128,19 @@ def test_a_batch_that_will_not_fit_is_refused_up_front_with_the_fix(tmp_path, ck
     assert not (tmp_path / "o" / "shards").exists() or not any((tmp_path / "o" / "shards").iterdir())
 
 
+def test_compile_comes_after_the_memory_check_and_covers_the_batches_left(tmp_path, ckpt, monkeypatch):
+    import pixelflow.generate as gen
+
+    compiled = []
+    monkeypatch.setattr(gen, "compile_loaded", lambda loaded, configs, sizes, *a: compiled.append(set(sizes)) or (loaded, 0.0))
+    loaded = load_pixelflow(ckpt)
+    with pytest.raises(ValueError, match="batch_size=64"):
+        generate(loaded, SamplerConfig(steps=1), tmp_path / "o", 64, batch_size=64, device_memory_gib=0.65, compile=True)
+    assert compiled == []  # refused before minutes of compiling
+    generate(loaded, SamplerConfig(steps=1), tmp_path / "p", 5, batch_size=2, save_png=False, compile=True)
+    assert compiled == [{2, 1}]
+
+
 def test_assemble_holds_at_most_one_copy_of_the_images(tmp_path):
     """Shards are streamed into a memory map: traced (heap) memory stays far below the image bytes (50 MB here;
     np.savez copies the map into the archive in 16 MiB chunks)."""

@@ -53,6 +53,13 @@ def test_grid_is_every_combination_with_settings_in_the_names():
                                    "num_samples": 10}
 
 
+def test_dopri5_gets_one_cell_whatever_steps_and_shift_list():
+    cells = build_grid(["euler", "dopri5"], [4, 8], [1.0, 3.0], [1.0, 2.0], [None], [10], num_stages=4)
+    dopri5 = [c for c in cells if c.method == "dopri5"]
+    assert len(cells) == 8 + 2
+    assert [(c.steps, c.shift, c.cfg) for c in dopri5] == [(4, 1.0, 1.0), (4, 1.0, 3.0)]
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"methods": ["euler", "euler"]}, "methods lists euler more than once"),
     ({"steps": []}, "steps is an empty list"),
