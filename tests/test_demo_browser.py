@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -62,39 +63,47 @@ def _shown_image(url: str) -> Image.Image:
     return Image.open(io.BytesIO(httpx.get(url, timeout=10).content)).convert("RGB")
 
 
-def test_pick_class_move_slider_generate_and_see_the_gallery(demo_url, tmp_path):
+@contextmanager
+def _demo_page(url: str, outside: list[str]) -> Iterator:
+    """A headless chromium page on the demo at ``url``; requests leaving the demo server go to ``outside``."""
     _require_chromium()
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import sync_playwright
 
-    outside: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 1100})
-            page.on("request", lambda r: None if r.url.startswith(demo_url) or r.url.startswith("data:") else outside.append(r.url))
-            page.goto(demo_url)
-
-            page.get_by_role("combobox", name="Class").click()
-            page.get_by_role("option", name="7: seven").click()
-            expect(page.get_by_role("combobox", name="Class")).to_have_value("7: seven")
-
-            slider = page.locator("#steps0 input[type=range]")
-            slider.fill("3")  # drag "Num Inference Steps (stage 1)" from 10 to 3
-            expect(page.locator("#steps0 input[type=number]")).to_have_value("3")
-            _fewer_steps(page)
-
-            page.get_by_role("button", name="Generate").click()
-            images = page.locator("#gallery img")
-            expect(images.first).to_be_visible(timeout=60_000)
-            expect(page.locator("#status")).to_contain_text("class 7: seven · seed 42 · Euler, steps 3/2/2/2", timeout=10_000)
-            expect(page.locator("#previews img")).to_have_count(4)
-            expect(page.locator("#download")).to_be_enabled()
-
-            shot = tmp_path / "demo.png"
-            page.screenshot(path=str(shot), full_page=True)
-            sources = images.evaluate_all("els => els.map(e => e.src)")
+            page.on("request", lambda r: None if r.url.startswith(url) or r.url.startswith("data:") else outside.append(r.url))
+            page.goto(url)
+            yield page
         finally:
             browser.close()
+
+
+def test_pick_class_move_slider_generate_and_see_the_gallery(demo_url, tmp_path):
+    outside: list[str] = []
+    with _demo_page(demo_url, outside) as page:
+        from playwright.sync_api import expect
+
+        page.get_by_role("combobox", name="Class").click()
+        page.get_by_role("option", name="7: seven").click()
+        expect(page.get_by_role("combobox", name="Class")).to_have_value("7: seven")
+
+        slider = page.locator("#steps0 input[type=range]")
+        slider.fill("3")  # drag "Num Inference Steps (stage 1)" from 10 to 3
+        expect(page.locator("#steps0 input[type=number]")).to_have_value("3")
+        _fewer_steps(page)
+
+        page.get_by_role("button", name="Generate").click()
+        images = page.locator("#gallery img")
+        expect(images.first).to_be_visible(timeout=60_000)
+        expect(page.locator("#status")).to_contain_text("class 7: seven · seed 42 · Euler, steps 3/2/2/2", timeout=10_000)
+        expect(page.locator("#previews img")).to_have_count(4)
+        expect(page.locator("#download")).to_be_enabled()
+
+        shot = tmp_path / "demo.png"
+        page.screenshot(path=str(shot), full_page=True)
+        sources = images.evaluate_all("els => els.map(e => e.src)")
 
     assert len(sources) == 1 and all(src.startswith(demo_url) for src in sources)
     shown = _shown_image(sources[0])
@@ -105,34 +114,24 @@ def test_pick_class_move_slider_generate_and_see_the_gallery(demo_url, tmp_path)
 
 
 def test_type_a_prompt_generate_and_see_the_gallery(text_demo_url):
-    _require_chromium()
-    from playwright.sync_api import expect, sync_playwright
-
     outside: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=LAUNCH_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1100})
-            page.on("request", lambda r: None if r.url.startswith(text_demo_url) or r.url.startswith("data:")
-                    else outside.append(r.url))
-            page.goto(text_demo_url)
+    with _demo_page(text_demo_url, outside) as page:
+        from playwright.sync_api import expect
 
-            expect(page.get_by_role("combobox", name="Class")).to_have_count(0)  # a prompt box instead
-            page.get_by_label("Prompt", exact=True).fill("a handwritten seven")
-            page.get_by_label("Negative Prompt").fill("blurry")
-            page.locator("#steps0 input[type=number]").fill("2")
-            page.locator("#steps0 input[type=number]").press("Enter")
-            _fewer_steps(page)
+        expect(page.get_by_role("combobox", name="Class")).to_have_count(0)  # a prompt box instead
+        page.get_by_label("Prompt", exact=True).fill("a handwritten seven")
+        page.get_by_label("Negative Prompt").fill("blurry")
+        page.locator("#steps0 input[type=number]").fill("2")
+        page.locator("#steps0 input[type=number]").press("Enter")
+        _fewer_steps(page)
 
-            page.get_by_role("button", name="Generate").click()
-            images = page.locator("#gallery img")
-            expect(images.first).to_be_visible(timeout=60_000)
-            expect(page.locator("#status")).to_contain_text("for prompt “a handwritten seven” · seed 42 · Euler, steps 2/2/2/2",
-                                                            timeout=10_000)
-            expect(page.locator("#previews img")).to_have_count(4)
-            sources = images.evaluate_all("els => els.map(e => e.src)")
-        finally:
-            browser.close()
+        page.get_by_role("button", name="Generate").click()
+        images = page.locator("#gallery img")
+        expect(images.first).to_be_visible(timeout=60_000)
+        expect(page.locator("#status")).to_contain_text("for prompt “a handwritten seven” · seed 42 · Euler, steps 2/2/2/2",
+                                                        timeout=10_000)
+        expect(page.locator("#previews img")).to_have_count(4)
+        sources = images.evaluate_all("els => els.map(e => e.src)")
 
     assert len(sources) == 1 and all(src.startswith(text_demo_url) for src in sources)
     shown = _shown_image(sources[0])
