@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from pixelflow.cascade import CascadeSchedule
-from pixelflow.model import PixelFlowTransformer, rope_2d
+from pixelflow.model import PixelFlowTransformer
+from pixelflow.rope import rope_2d
 from pixelflow.samplers import CascadeNoise, CascadeSampler, SamplerConfig, euler_grid
 
 # Max abs error allowed per group; the *_calls groups count model evaluations per stage

@@ -16,7 +16,8 @@ import torch
 
 from pixelflow.cascade import CascadeSchedule
 from pixelflow.golden import CheckResult, _err
-from pixelflow.model import PixelFlowTransformer, rope_2d
+from pixelflow.model import PixelFlowTransformer
+from pixelflow.rope import rope_2d
 from pixelflow.samplers import CascadeNoise, CascadeSampler, SamplerConfig
 from pixelflow.text import TextCondition
 

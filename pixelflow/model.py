@@ -11,15 +11,18 @@ Named sizes live in :data:`PIXELFLOW_CONFIGS`; build one with :func:`build_model
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from contextlib import nullcontext
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["PixelFlowTransformer", "PIXELFLOW_CONFIGS", "build_model", "rope_2d", "rope_pairs"]
+from pixelflow.packing import Packing
+from pixelflow.rope import apply_rope, rope_pairs
+
+__all__ = ["PixelFlowTransformer", "PIXELFLOW_CONFIGS", "build_model"]
 
 
 def fp32_region(device: torch.device):
@@ -74,44 +77,6 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
-@lru_cache(maxsize=32)
-def _rope_tables(grid: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    half = head_dim // 2
-    inv_freq = 1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float64) / half)
-    coords = torch.arange(grid, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
-    angles = torch.cat([cols.reshape(-1, 1) * inv_freq, rows.reshape(-1, 1) * inv_freq], dim=1)
-    angles = angles.repeat_interleave(2, dim=1)  # (g*g, head_dim): consecutive pairs share an angle
-    return angles.cos().float().to(device), angles.sin().float().to(device)
-
-
-def rope_2d(grid: int, head_dim: int, theta: float = 10000.0, device: torch.device | str = "cpu"):
-    """(cos, sin) of shape (grid*grid, head_dim): first half follows the column, second the row."""
-    return _rope_tables(grid, head_dim, theta, torch.device(device))
-
-
-def rope_pairs(grid: int, head_dim: int, theta: float = 10000.0, device: torch.device | str = "cpu"):
-    """:func:`rope_2d` once per pair of channels: (cos, sin) of shape (grid*grid, head_dim / 2)."""
-    cos, sin = _rope_tables(grid, head_dim, theta, torch.device(device))
-    return cos[:, ::2], sin[:, ::2]
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (a, b) -> (a cos - b sin, b cos + a sin); x is (B, H, S, D), cos/sin (S, D / 2).
-
-    Eager: one complex product (the same formula to float rounding, 3-10x faster on CPU than the
-    real-valued form). Under torch.compile: the real-valued form, which inductor fuses (it does not
-    generate code for complex operators).
-    """
-    pairs = x.float().unflatten(-1, (-1, 2))
-    if torch.compiler.is_compiling():
-        a, b = pairs.unbind(-1)
-        return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).to(x.dtype)
-    if pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]):
-        pairs = pairs.clone(memory_format=torch.contiguous_format)  # view_as_complex needs aligned (a, b) pairs
-    return torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
-
-
 class Attention(nn.Module):
     """Multi-head attention with a whole-width RMS QK-norm and 2D RoPE.
 
@@ -133,7 +98,7 @@ class Attention(nn.Module):
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-        context: torch.Tensor | None = None, context_bias: torch.Tensor | None = None,
+        context: torch.Tensor | None = None, context_bias: torch.Tensor | None = None, packing: Packing | None = None,
     ) -> torch.Tensor:
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
@@ -145,7 +110,11 @@ class Attention(nn.Module):
         q = apply_rope(q, *rope)
         if context is None:
             k = apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if context_bias is None else context_bias.to(q.dtype))
+        bias = None if context_bias is None else context_bias.to(q.dtype)
+        if packing is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            out = packing.attention(q, k, v, bias, cross=context is not None)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
@@ -167,10 +136,12 @@ class AdaLNModulation(nn.Module):
         self.chunks = chunks
         self.linear = nn.Linear(hidden, chunks * hidden)
 
-    def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, c: torch.Tensor, packing: Packing | None = None) -> tuple[torch.Tensor, ...]:
+        """(B, 1, D) vectors per sample, or (1, N, D) per token of a ``packing``."""
         with fp32_region(c.device):
             out = F.linear(F.silu(c.float()), self.linear.weight.float(), self.linear.bias.float())
-        return out[:, None, :].chunk(self.chunks, dim=-1)
+        out = out[:, None, :] if packing is None else packing.per_token(out)
+        return out.chunk(self.chunks, dim=-1)
 
 
 class TransformerBlock(nn.Module):
@@ -192,13 +163,13 @@ class TransformerBlock(nn.Module):
 
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-        text: torch.Tensor | None = None, text_bias: torch.Tensor | None = None,
+        text: torch.Tensor | None = None, text_bias: torch.Tensor | None = None, packing: Packing | None = None,
     ) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(c)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(c, packing)
         h = F.layer_norm(x.float(), x.shape[-1:], eps=1e-6) * (1 + scale_msa) + shift_msa
-        x = x + (gate_msa * self.attn1(h.to(x.dtype), rope)).to(x.dtype)
+        x = x + (gate_msa * self.attn1(h.to(x.dtype), rope, packing=packing)).to(x.dtype)
         if text is not None:
-            x = x + self.attn2(self.norm2(x.float()).to(x.dtype), rope, text, text_bias)
+            x = x + self.attn2(self.norm2(x.float()).to(x.dtype), rope, text, text_bias, packing)
         h = self.norm3(x.float()) * (1 + scale_mlp) + shift_mlp
         return x + (gate_mlp * self.mlp(h.to(x.dtype))).to(x.dtype)
 
@@ -285,11 +256,12 @@ class PixelFlowTransformer(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def condition(self, timestep: torch.Tensor, class_labels: torch.Tensor | None, grid: int, batch: int,
+    def condition(self, timestep: torch.Tensor, class_labels: torch.Tensor | None, grid: int | torch.Tensor, batch: int,
                   device: torch.device) -> torch.Tensor:
-        """Conditioning vector c = MLP_t(sin T) [+ E[y]] + MLP_r(sin r), shape (B, D)."""
+        """Conditioning vector c = MLP_t(sin T) [+ E[y]] + MLP_r(sin r), shape (B, D); ``grid`` r is one side
+        for the batch or one per sample (B,)."""
         timestep = torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)
-        r = torch.full((1,), grid, device=device)
+        r = grid if torch.is_tensor(grid) else torch.full((1,), grid, device=device)
         c = self.timestep_embedder(timestep)
         if class_labels is not None:
             c = c + self.class_embedder(class_labels)
@@ -313,41 +285,98 @@ class PixelFlowTransformer(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,
-        timestep: torch.Tensor | float,
+        x: torch.Tensor | Sequence[torch.Tensor],
+        timestep: torch.Tensor | float | Sequence[torch.Tensor],
         class_labels: torch.Tensor | None = None,
         return_intermediates: bool = False,
         text_states: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
     ):
-        batch, _, height, width = x.shape
-        p = self.patch_size
-        if height != width or height % p:
-            raise ValueError(f"input must be square with side divisible by patch size {p}, got {height}x{width}")
+        """Velocity at ``timestep`` of a stage batch ``x``, or of several stage batches at once (a list; see
+        :meth:`forward_packed`, reached through here so that wrappers such as FSDP see the call)."""
+        if isinstance(x, (list, tuple)):
+            if return_intermediates:
+                raise ValueError("return_intermediates needs a single stage input, not a list of stages")
+            return self.forward_packed(x, timestep, class_labels, text_states, text_mask)
+        batch, grid = x.shape[0], self._grid(x)
         self._check_conditioning(batch, class_labels, text_states, text_mask)
-        grid = height // p
         c = self.condition(timestep, class_labels, grid, batch, x.device)
-        tokens = self.patch_embed(x.float().to(self.patch_embed.proj.weight.dtype))
+        tokens = self._patchify(x)
         rope = rope_pairs(grid, self.head_dim, self.rope_theta, x.device)
-        # Published text mask: an additive (1 - m) * -10000 on the text positions, for every head and query.
-        text_bias = None if text_mask is None else ((1 - text_mask.float()) * -10000.0)[:, None, None, :]
-        intermediates = {"tokens_in": tokens, "cond": c, "blocks": []}
-        h = tokens
+        h, blocks = self._trunk(tokens, c, rope, text_states, _text_bias(text_mask), None, return_intermediates)
+        out = self._unpatchify(self._head(h, c, None), grid)
+        if return_intermediates:
+            return out, {"tokens_in": tokens, "cond": c, "blocks": blocks}
+        return out
+
+    def forward_packed(
+        self,
+        xs: Sequence[torch.Tensor],
+        timesteps: Sequence[torch.Tensor],
+        class_labels: torch.Tensor | None = None,
+        text_states: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Several stages in one pass over the layers (:mod:`pixelflow.packing`): ``xs[j]`` (B_j, C, s_j, s_j) at
+        ``timesteps[j]`` (B_j,); the condition covers the concatenated batch (sum of B_j rows, in the order
+        of ``xs``). Returns ``[self(x, t, ...) for each stage]`` to float rounding."""
+        if not xs or len(xs) != len(timesteps):
+            raise ValueError(f"need one timestep tensor per stage input, got {len(xs)} inputs and {len(timesteps)}")
+        device, grids, batches = xs[0].device, [self._grid(x) for x in xs], [x.shape[0] for x in xs]
+        self._check_conditioning(sum(batches), class_labels, text_states, text_mask)
+        timestep = torch.cat([torch.as_tensor(t, device=device).reshape(-1).expand(b) for t, b in zip(timesteps, batches)])
+        sides = torch.tensor(grids, device=device).repeat_interleave(torch.tensor(batches, device=device))
+        c = self.condition(timestep, class_labels, sides, sum(batches), device)
+        packing = Packing.of(tuple(batches), tuple(g * g for g in grids), device)
+        tokens = torch.cat([self._patchify(x).flatten(0, 1) for x in xs])[None]
+        tables = [rope_pairs(g, self.head_dim, self.rope_theta, device) for g in grids]
+        rope = tuple(torch.cat([t[i].repeat(b, 1) for t, b in zip(tables, batches)]) for i in range(2))
+        h, _ = self._trunk(tokens, c, rope, text_states, _text_bias(text_mask), packing)
+        out = self._head(h, c, packing)[0].split([b * g * g for b, g in zip(batches, grids)])
+        return [self._unpatchify(o.unflatten(0, (b, g * g)), g) for o, b, g in zip(out, batches, grids)]
+
+    def _grid(self, x: torch.Tensor) -> int:
+        """Token grid side r = s / patch_size of a square stage image (B, C, s, s)."""
+        height, width, p = x.shape[-2], x.shape[-1], self.patch_size
+        if x.ndim != 4 or height != width or height % p:
+            raise ValueError(f"input must be (B, C, s, s), square with side divisible by patch size {p}, got {tuple(x.shape)}")
+        return height // p
+
+    def _patchify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(x.float().to(self.patch_embed.proj.weight.dtype))
+
+    def _trunk(self, h: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], text_states, text_bias,
+               packing: Packing | None, keep: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The transformer blocks; with ``keep`` also every block's output."""
+        outputs = []
         for block in self.transformer_blocks:
             if self.gradient_checkpointing and self.training:
-                h = checkpoint(block, h, c, rope, text_states, text_bias, use_reentrant=False)
+                h = checkpoint(block, h, c, rope, text_states, text_bias, packing, use_reentrant=False)
             else:
-                h = block(h, c, rope, text_states, text_bias)
-            if return_intermediates:
-                intermediates["blocks"].append(h)
-        with fp32_region(x.device):
-            shift, scale = self.proj_out_1(F.silu(c.float()))[:, None, :].chunk(2, dim=-1)
-        h = F.layer_norm(h.float(), h.shape[-1:], eps=1e-6) * (1 + scale) + shift
-        out = self.proj_out_2(h.to(tokens.dtype))
-        # Output features are ordered (row-in-patch, col-in-patch, channel).
-        out = out.reshape(batch, grid, grid, p, p, self.out_channels)
-        out = torch.einsum("nhwpqc->nchpwq", out).reshape(batch, self.out_channels, height, width)
-        return (out, intermediates) if return_intermediates else out
+                h = block(h, c, rope, text_states, text_bias, packing)
+            if keep:
+                outputs.append(h)
+        return h, outputs
+
+    def _head(self, h: torch.Tensor, c: torch.Tensor, packing: Packing | None) -> torch.Tensor:
+        """Final adaLN LayerNorm and projection to patch pixels."""
+        with fp32_region(c.device):
+            modulation = self.proj_out_1(F.silu(c.float()))
+        modulation = modulation[:, None, :] if packing is None else packing.per_token(modulation)
+        shift, scale = modulation.chunk(2, dim=-1)
+        h32 = F.layer_norm(h.float(), h.shape[-1:], eps=1e-6) * (1 + scale) + shift
+        return self.proj_out_2(h32.to(h.dtype))
+
+    def _unpatchify(self, out: torch.Tensor, grid: int) -> torch.Tensor:
+        """(B, r*r, p*p*C) with features ordered (row-in-patch, col-in-patch, channel) -> (B, C, r*p, r*p)."""
+        p, channels = self.patch_size, self.out_channels
+        out = out.reshape(out.shape[0], grid, grid, p, p, channels)
+        return torch.einsum("nhwpqc->nchpwq", out).reshape(out.shape[0], channels, grid * p, grid * p)
+
+
+def _text_bias(text_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Published text mask: an additive (1 - m) * -10000 on the text positions, for every head and query."""
+    return None if text_mask is None else ((1 - text_mask.float()) * -10000.0)[:, None, None, :]
 
 
 PIXELFLOW_CONFIGS: dict[str, dict] = {

@@ -33,7 +33,8 @@ def cascade_loss(
     """Mean over samples of each sample's pixel-mean squared velocity error, and the per-stage means.
 
     Every sample gets one stage (balanced within the batch) and one index i ~ U{0..N-1}; each
-    stage's samples run as one sub-batch at that stage's size, so no work is spent on padding.
+    stage's samples keep that stage's size (no padding) and all stages run in one packed pass
+    (a list of stage inputs: ``PixelFlowTransformer.forward_packed``).
     Class-to-image: ``labels`` are class ids, replaced by the null class with probability
     ``label_dropout``. Text-to-image: ``labels`` are captions, replaced by the empty prompt with
     that probability (the same draw), then encoded by ``encode_text`` (a frozen text encoder).
@@ -43,13 +44,13 @@ def cascade_loss(
     t_index = torch.randint(0, schedule.num_train_timesteps, (batch,), generator=generator, device=device)
     drop = torch.rand(batch, generator=generator, device=device) < label_dropout if label_dropout > 0 else None
     condition = _text_condition(labels, drop, encode_text, device) if encode_text else _class_condition(model, labels, drop)
+    indices = [(stages == k).nonzero(as_tuple=True)[0] for k in range(schedule.num_stages)]
+    present = [k for k in range(schedule.num_stages) if indices[k].numel()]
+    pairs = [schedule.training_pair(images[indices[k]], k, t_index[indices[k]], generator=generator) for k in present]
+    order = torch.cat([indices[k] for k in present])
+    preds = model([p.x_t for p in pairs], [p.timestep for p in pairs], **condition(order))  # packed
     losses, per_stage = [], {}
-    for k in range(schedule.num_stages):
-        idx = (stages == k).nonzero(as_tuple=True)[0]
-        if idx.numel() == 0:
-            continue
-        pair = schedule.training_pair(images[idx], k, t_index[idx], generator=generator)
-        pred = model(pair.x_t, pair.timestep, **condition(idx))
+    for k, pair, pred in zip(present, pairs, preds):
         sample_loss = (pred.float() - pair.target.float()).square().mean(dim=(1, 2, 3))
         losses.append(sample_loss)
         per_stage[k] = sample_loss.detach().mean()

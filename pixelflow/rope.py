@@ -1,0 +1,51 @@
+"""2D rotary position embedding of the PixelFlow transformer.
+
+Channel pairs of a head rotate by angles of the token's column (first half of the head) and row
+(second half), with the published frequencies theta^(-4j / head_dim).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+__all__ = ["rope_2d", "rope_pairs", "apply_rope"]
+
+
+@lru_cache(maxsize=32)
+def _rope_tables(grid: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    half = head_dim // 2
+    inv_freq = 1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float64) / half)
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    angles = torch.cat([cols.reshape(-1, 1) * inv_freq, rows.reshape(-1, 1) * inv_freq], dim=1)
+    angles = angles.repeat_interleave(2, dim=1)  # (g*g, head_dim): consecutive pairs share an angle
+    return angles.cos().float().to(device), angles.sin().float().to(device)
+
+
+def rope_2d(grid: int, head_dim: int, theta: float = 10000.0, device: torch.device | str = "cpu"):
+    """(cos, sin) of shape (grid*grid, head_dim): first half follows the column, second the row."""
+    return _rope_tables(grid, head_dim, theta, torch.device(device))
+
+
+def rope_pairs(grid: int, head_dim: int, theta: float = 10000.0, device: torch.device | str = "cpu"):
+    """:func:`rope_2d` once per pair of channels: (cos, sin) of shape (grid*grid, head_dim / 2)."""
+    cos, sin = _rope_tables(grid, head_dim, theta, torch.device(device))
+    return cos[:, ::2], sin[:, ::2]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (a, b) -> (a cos - b sin, b cos + a sin); x is (B, H, S, D), cos/sin (S, D / 2).
+
+    Eager: one complex product (the same formula to float rounding, 3-10x faster on CPU than the
+    real-valued form). Under torch.compile: the real-valued form, which inductor fuses (it does not
+    generate code for complex operators).
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    if torch.compiler.is_compiling():
+        a, b = pairs.unbind(-1)
+        return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).to(x.dtype)
+    if pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]):
+        pairs = pairs.clone(memory_format=torch.contiguous_format)  # view_as_complex needs aligned (a, b) pairs
+    return torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
