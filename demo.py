@@ -6,10 +6,12 @@ import hydra
 from omegaconf import DictConfig
 
 from pixelflow.demo_app import launch
+from pixelflow.host_memory import keep_freed_memory
 
 
 @hydra.main(config_path="conf", config_name="demo", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    keep_freed_memory()  # CPU sampling: no page faults on every large tensor (pixelflow/host_memory.py)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up probes, one line per request
     launch(cfg)
 

@@ -12,6 +12,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from pixelflow.host_memory import keep_freed_memory
 from pixelflow.metrics.evaluation import EvalOptions, evaluate, format_table, write_metrics
 from pixelflow.metrics.io import EvaluationInputError, load_image_set
 from pixelflow.metrics.references import default_num_ref, is_mnist_reference, resolve_reference
@@ -44,6 +45,7 @@ def run(cfg: DictConfig) -> Path:
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    keep_freed_memory()  # CPU feature extraction: no page faults on every large tensor (pixelflow/host_memory.py)
     try:
         run(cfg)
     except (EvaluationInputError, FileNotFoundError) as err:

@@ -8,12 +8,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from pixelflow.checkpoint import CheckpointError, load_pixelflow
 from pixelflow.generate import generate
+from pixelflow.host_memory import keep_freed_memory
 from pixelflow.prompts import prompt_set
 from pixelflow.samplers import SamplerConfig
 
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    keep_freed_memory()  # CPU sampling: no page faults on every large tensor (pixelflow/host_memory.py)
     try:
         loaded = load_pixelflow(cfg.ckpt, cfg.config, allow_download=cfg.allow_download, ema=cfg.ema)
     except CheckpointError as err:

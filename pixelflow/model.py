@@ -325,7 +325,7 @@ class PixelFlowTransformer(nn.Module):
         device, grids, batches = xs[0].device, [self._grid(x) for x in xs], [x.shape[0] for x in xs]
         self._check_conditioning(sum(batches), class_labels, text_states, text_mask)
         timestep = torch.cat([torch.as_tensor(t, device=device).reshape(-1).expand(b) for t, b in zip(timesteps, batches)])
-        sides = torch.tensor(grids, device=device).repeat_interleave(torch.tensor(batches, device=device))
+        sides = torch.tensor([g for g, b in zip(grids, batches) for _ in range(b)], device=device)  # r per sample
         c = self.condition(timestep, class_labels, sides, sum(batches), device)
         packing = Packing.of(tuple(batches), tuple(g * g for g in grids), device)
         tokens = torch.cat([self._patchify(x).flatten(0, 1) for x in xs])[None]

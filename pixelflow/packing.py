@@ -29,7 +29,7 @@ class Packing:
 
     @classmethod
     def of(cls, batches: tuple[int, ...], lengths: tuple[int, ...], device: torch.device | str = "cpu") -> Packing:
-        counts = torch.tensor(lengths, device=device).repeat_interleave(torch.tensor(batches, device=device))
+        counts = torch.tensor([s for s, b in zip(lengths, batches) for _ in range(b)], dtype=torch.long, device=device)
         return cls(tuple(batches), tuple(lengths), counts)
 
     def __post_init__(self) -> None:

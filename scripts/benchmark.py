@@ -47,6 +47,7 @@ from pixelflow.call_counter import CallCounter  # noqa: E402
 from pixelflow.cascade import CascadeSchedule  # noqa: E402
 from pixelflow.checkpoint import load_pixelflow  # noqa: E402
 from pixelflow.compile import compile_for_sampling, sampling_shapes  # noqa: E402
+from pixelflow.host_memory import keep_freed_memory  # noqa: E402
 from pixelflow.model import PixelFlowTransformer, build_model  # noqa: E402
 from pixelflow.objective import cascade_loss  # noqa: E402
 from pixelflow.precision import PRECISIONS, resolve_precision, sampling_precision  # noqa: E402
@@ -128,14 +129,14 @@ class Recipe:
         return loss
 
     def meta_loss(self) -> torch.Tensor:
-        """cascade_loss's sub-batches (balanced stages) without its data-dependent indexing, for FLOP counts."""
+        """cascade_loss's packed pass over balanced stages without its data-dependent indexing, for FLOP counts."""
         counts = torch.bincount(torch.arange(self.args.micro_batch) % self.schedule.num_stages).tolist()
-        losses = []
-        for n, side in zip(counts, self.schedule.stage_sides):
-            x = torch.zeros(n, 3, side, side, device=self.device)
-            pred = self.model(x, torch.zeros(n, device=self.device), torch.zeros(n, dtype=torch.long, device=self.device))
-            losses.append((pred - x).square().mean(dim=(1, 2, 3)))
-        return torch.cat(losses).mean()
+        present = [(n, side) for n, side in zip(counts, self.schedule.stage_sides) if n]
+        xs = [torch.zeros(n, 3, side, side, device=self.device) for n, side in present]
+        ts = [torch.zeros(n, device=self.device) for n, _ in present]
+        labels = torch.zeros(sum(n for n, _ in present), dtype=torch.long, device=self.device)
+        preds = self.model(xs, ts, labels)
+        return torch.cat([(pred - x).square().mean(dim=(1, 2, 3)) for pred, x in zip(preds, xs)]).mean()
 
     def step(self) -> None:
         for _ in range(self.args.accumulation):
@@ -249,6 +250,7 @@ def sampling_benchmark(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     if device.type == "meta":
         raise SystemExit("error: --sampling measures time and needs --device cpu or cuda (meta only counts FLOPs)")
+    host_memory_kept = keep_freed_memory()  # as sample.py; PIXELFLOW_DEFAULT_MALLOC=1 measures glibc's default
     if args.ckpt:
         loaded = load_pixelflow(args.ckpt)
         model, schedule, weights = loaded.model.to(device), loaded.schedule, loaded.source
@@ -274,7 +276,7 @@ def sampling_benchmark(args: argparse.Namespace) -> dict:
             "params": sum(p.numel() for p in model.parameters()), "image_size": schedule.image_size,
             "num_stages": schedule.num_stages, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "host_memory_kept": host_memory_kept,
             "sampling": {"batch": args.sample_batch, "precision": precision, "steps_per_stage": args.sample_steps,
                          "cfg": args.cfg, "timed_runs": args.repeats, "compile": args.compile,
                          "compile_seconds": compile_seconds, "methods": methods}}

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pixelflow.checkpoint import CheckpointError, load_pixelflow  # noqa: E402
+from pixelflow.host_memory import keep_freed_memory  # noqa: E402
 from pixelflow.sampler_sweep import Cell, SweepError, SweepOptions, build_grid, eval_options, reference_scorer, run_sweep  # noqa: E402
 from pixelflow.sweep_report import write_report  # noqa: E402
 
@@ -50,6 +51,7 @@ def run(cfg: DictConfig, on_cell_done: Callable[[Cell, dict], None] | None = Non
 
 @hydra.main(config_path="../conf", config_name="sweep_sampler", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    keep_freed_memory()  # CPU sampling: no page faults on every large tensor (pixelflow/host_memory.py)
     try:
         run(cfg)
     except (ValueError, CheckpointError, FileNotFoundError) as err:  # SweepError, EvaluationInputError, generate's checks
