@@ -5,7 +5,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from pixelflow.demo_app import launch
+from pixelflow.demo.app import launch
 
 
 @hydra.main(config_path="conf", config_name="demo", version_base="1.3")
