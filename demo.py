@@ -5,7 +5,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from pixelflow.demo_app import launch
+from pixelflow.demo.app import launch
 from pixelflow.host_memory import keep_freed_memory
 
 

@@ -7,10 +7,10 @@ from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 
 from pixelflow.checkpoint import CheckpointError, load_pixelflow
-from pixelflow.generate import generate
 from pixelflow.host_memory import keep_freed_memory
-from pixelflow.prompts import prompt_set
-from pixelflow.samplers import SamplerConfig
+from pixelflow.sampling.generate import generate
+from pixelflow.sampling.prompts import prompt_set
+from pixelflow.sampling.samplers import SamplerConfig
 
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")

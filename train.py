@@ -9,7 +9,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pixelflow.launch import run_training
+from pixelflow.training.launch import run_training
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")

@@ -17,7 +17,7 @@ batch at the full size: tokens, FLOPs and (except on meta) measured time of forw
 ``--sampling`` measures sampling only: seconds and model calls per image of every method in ``--methods``
 at the given size, batch, steps, CFG, precision and ``--compile`` setting (compile time reported apart,
 as ``compile_seconds``). Model calls are network rows counted as they run
-(:class:`pixelflow.call_counter.CallCounter`: 2 per guided call, 1 where the guidance weight is 1, every
+(:class:`pixelflow.sampling.call_counter.CallCounter`: 2 per guided call, 1 where the guidance weight is 1, every
 adaptive Dopri5 step). Dopri5's step count depends on the weights: without ``--ckpt`` the network has
 its initial weights (zeroed output layer, velocity 0), so pass ``--ckpt`` for a trained model's counts.
 """
@@ -43,15 +43,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pixelflow.call_counter import CallCounter  # noqa: E402
 from pixelflow.cascade import CascadeSchedule  # noqa: E402
 from pixelflow.checkpoint import load_pixelflow  # noqa: E402
-from pixelflow.compile import compile_for_sampling, sampling_shapes  # noqa: E402
 from pixelflow.host_memory import keep_freed_memory  # noqa: E402
 from pixelflow.model import PixelFlowTransformer, build_model  # noqa: E402
-from pixelflow.objective import cascade_loss  # noqa: E402
 from pixelflow.precision import PRECISIONS, resolve_precision, sampling_precision  # noqa: E402
-from pixelflow.samplers import METHODS, CascadeSampler, SamplerConfig  # noqa: E402
+from pixelflow.sampling.call_counter import CallCounter  # noqa: E402
+from pixelflow.sampling.compile import compile_for_sampling, sampling_shapes  # noqa: E402
+from pixelflow.sampling.samplers import METHODS, CascadeSampler, SamplerConfig  # noqa: E402
+from pixelflow.training.objective import cascade_loss  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) used for MFU; override with --peak-tflops.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "RTX 4090": 165.0, "L4": 121.0,
@@ -374,7 +374,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt", default=None, help="--sampling: a checkpoint or export to sample from (its size and "
                    "stages; default: --model with initial weights)")
     p.add_argument("--compile", action="store_true", help="--sampling: torch.compile the network first "
-                   "(pixelflow/compile.py; its time is compile_seconds, apart from the per-method speeds)")
+                   "(pixelflow/sampling/compile.py; its time is compile_seconds, apart from the per-method speeds)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON to this file")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: table by GPU name)")
     p.add_argument("--assumed-mfu", type=float, nargs="+", default=[0.3, 0.4, 0.5], help="for --device meta estimates")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pixelflow.golden import main  # noqa: E402
+from pixelflow.golden.c2i import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,7 @@
     python scripts/compare_runs.py runs/mnist_quickstart_multirun/* --out docs/ablation
 
 reads each RUN_DIR's ``.hydra/overrides.yaml`` (the command-line overrides) and ``metrics.jsonl`` (evaluations
-during training, pixelflow.eval_callback) and writes OUT/runs.csv, OUT/runs.md (one row per run and EMA rate:
+during training, pixelflow.training.eval_callback) and writes OUT/runs.csv, OUT/runs.md (one row per run and EMA rate:
 overrides, last evaluated step, its metrics) and OUT/<metric>.png (one line per run and EMA rate).
 """
 
@@ -20,7 +20,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from pixelflow.eval_callback import read_metrics  # noqa: E402
+from pixelflow.training.eval_callback import read_metrics  # noqa: E402
 
 IGNORED = ("paths.", "trainer.enable_progress_bar", "trainer.enable_model_summary")  # where, not what, a run trains
 

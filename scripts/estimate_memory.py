@@ -22,10 +22,10 @@ Method (bytes; P = parameter count, L = depth):
   :class:`TensorMemoryTracker` counts live tensor bytes (the CPU analogue of
   torch.cuda.max_memory_allocated). CPU and CUDA autocast cast the same ops and both run flash
   attention (memory linear in tokens), so the per-token bytes carry over to a GPU.
-    sample grid        G   the SampleGrid callback's bf16 sampling of one chunk (pixelflow.sampling_memory)
+    sample grid        G   the SampleGrid callback's bf16 sampling of one chunk (pixelflow.sampling.memory)
 - peak = S + max(F, B, k_opt 4P, G); the budget adds the CUDA context and allocator slack.
 
-Sampling (``--sampling``): pixelflow/sampling_memory.py's model (the refusal in sample.py uses it),
+Sampling (``--sampling``): pixelflow/sampling/memory.py's model (the refusal in sample.py uses it),
 per batch, method and precision; ``--calibrate`` refits its coefficients by the same instrumented
 CPU forwards (XL/4 width, depth 2 and 3) and checks it against whole Test/2 sampling runs. A T2I
 model (``--model T2I-XL/4 --image-size 1024``) counts its 512-token text states and Flan-T5-XL's
@@ -54,10 +54,8 @@ from benchmark import TensorMemoryTracker, autocast, stage_tokens  # noqa: E402
 from pixelflow.cascade import CascadeSchedule  # noqa: E402
 from pixelflow.conditioning import ClassCondition  # noqa: E402
 from pixelflow.model import PIXELFLOW_CONFIGS, build_model  # noqa: E402
-from pixelflow.objective import cascade_loss  # noqa: E402
 from pixelflow.precision import sampling_precision  # noqa: E402
-from pixelflow.samplers import CascadeNoise, CascadeSampler, SamplerConfig  # noqa: E402
-from pixelflow.sampling_memory import (  # noqa: E402
+from pixelflow.sampling.memory import (  # noqa: E402
     ALLOCATOR_SLACK,
     CUDA_CONTEXT_BYTES,
     FORWARD_COEFFICIENTS,
@@ -66,7 +64,9 @@ from pixelflow.sampling_memory import (  # noqa: E402
     sampling_budget_bytes,
     sampling_peak_bytes,
 )
+from pixelflow.sampling.samplers import CascadeNoise, CascadeSampler, SamplerConfig  # noqa: E402
 from pixelflow.text import TextCondition  # noqa: E402
+from pixelflow.training.objective import cascade_loss  # noqa: E402
 
 
 def tokens(image_size: int, micro_batch: int, patch: int, num_stages: int = 4) -> tuple[int, int]:
@@ -167,7 +167,7 @@ def predict(cal: dict, model: str, image_size: int, micro_batch: int, ema: bool,
     bwd = retained + 4 * p + cal["working_set"][0] + cal["working_set"][1] * last
     opt = cal["k_opt"] * 4 * p
     # The SampleGrid callback between steps (gradients freed): bf16 Euler + CFG on grid_chunk images, its
-    # weights already in S (pixelflow.sampling_memory's model less the 4P it counts for them).
+    # weights already in S (pixelflow.sampling.memory's model less the 4P it counts for them).
     with torch.device("meta"):
         net = build_model(model, num_classes=num_classes)
     grid = sampling_peak_bytes(net, image_size, grid_chunk, "euler", "bf16") - 4 * p if grid_chunk else 0.0
@@ -208,7 +208,7 @@ def validate(model: str, precision: str, ckpt: bool, ema: bool, micro_batches: l
     return checks
 
 
-# ---- sampling: the coefficients of pixelflow.sampling_memory --------------------------------------------
+# ---- sampling: the coefficients of pixelflow.sampling.memory --------------------------------------------
 def measure_sampling_forward(model: str, depth: int, image_size: int, batch: int, precision: str,
                              num_classes: int = 1000) -> dict:
     """One guided velocity call at the full size on CPU (no_grad): its high-water above the weights."""
@@ -287,7 +287,7 @@ def measure_text_forward(depth: int, precision: str, image_size: int = 64, text_
 
 
 def fit_text(precision: str) -> dict:
-    """w of pixelflow.sampling_memory: the extra forward bytes per added block per cross-attention weight."""
+    """w of pixelflow.sampling.memory: the extra forward bytes per added block per cross-attention weight."""
     runs = [measure_text_forward(d, precision) for d in (2, 3)]
     extra = [r["forward"] - r["c2i_model"] for r in runs]
     return {"w": (extra[1] - extra[0]) / runs[0]["cross_attention_weights_per_block"], "runs": runs}
@@ -341,7 +341,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--validate", action="store_true", help="check the method on --validate-model instead")
     p.add_argument("--validate-model", nargs="+", default=["Tiny/4", "S/4"])
     p.add_argument("--sampling", action="store_true",
-                   help="sampling instead of training: --batch per method and precision (pixelflow.sampling_memory)")
+                   help="sampling instead of training: --batch per method and precision (pixelflow.sampling.memory)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16, 32, 64, 100], help="--sampling batches")
     p.add_argument("--method", nargs="+", default=["dopri5", "euler"], help="--sampling methods")
     p.add_argument("--no-encoder-on-device", dest="encoder_on_device", action="store_false",

@@ -4,7 +4,7 @@ Sampling XL/4 (random weights, 256 px) with Euler 30 steps + CFG and with Dopri5
 seconds per image and peak memory (torch.cuda.max_memory_allocated); bf16 vs fp32 pixel agreement on the same
 noise; then the imagenet256_xl4_24gb training figures from scripts/benchmark.py (3 steps). Text-to-image:
 T2I-XL/4 at 1024 px (random weights and 512-token text states, no T5), bf16 Euler, batch 1 and 3: peak memory
-against pixelflow.sampling_memory's estimate (docs/sampling.md's 24 GB plan).
+against pixelflow.sampling.memory's estimate (docs/sampling.md's 24 GB plan).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import benchmark  # noqa: E402
 from pixelflow.cascade import CascadeSchedule  # noqa: E402
 from pixelflow.model import build_model  # noqa: E402
 from pixelflow.precision import sampling_precision  # noqa: E402
-from pixelflow.samplers import CascadeNoise, CascadeSampler, SamplerConfig  # noqa: E402
-from pixelflow.sampling_memory import sampling_peak_bytes  # noqa: E402
+from pixelflow.sampling.memory import sampling_peak_bytes  # noqa: E402
+from pixelflow.sampling.samplers import CascadeNoise, CascadeSampler, SamplerConfig  # noqa: E402
 from pixelflow.text import TextCondition  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """The plan of a 50k-sample ImageNet 256 run, printed before it starts (scripts/reproduce_imagenet256.sh).
 
 Every figure is an estimate, labelled with its method:
-- memory: pixelflow.sampling_memory (calibrated accounting; the same model sample.py refuses batches with);
+- memory: pixelflow.sampling.memory (calibrated accounting; the same model sample.py refuses batches with);
 - time: sampling FLOPs per image (FlopCounterMode over one guided forward per stage of XL/4 on the meta
   device, x model calls per stage) / (assumed MFU x the GPU's dense bf16 peak; fp32 runs at the TF32 peak
   at best, taken as half). Dopri5's model calls per stage are adaptive and unmeasured here: an assumption.
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pixelflow.cascade import CascadeSchedule  # noqa: E402
 from pixelflow.model import build_model  # noqa: E402
 from pixelflow.precision import resolve_precision  # noqa: E402
-from pixelflow.sampling_memory import GIB, max_fitting_batch, sampling_budget_bytes, sampling_peak_bytes  # noqa: E402
+from pixelflow.sampling.memory import GIB, max_fitting_batch, sampling_budget_bytes, sampling_peak_bytes  # noqa: E402
 
 
 def guided_step_flops(net: torch.nn.Module, schedule: CascadeSchedule) -> int:
@@ -52,7 +52,7 @@ def plan(args: argparse.Namespace) -> str:
         f"  devices     {args.devices}",
         f"  batch       {args.batch} per device (largest that fits {args.gpu_gb:g} GB: {best}; estimated)",
         f"  precision   {args.precision} -> {on_gpu} on CUDA" + ("" if here == on_gpu else f", {here} on this {device}"),
-        f"  memory      ~{budget / GIB:.1f} GiB per device (estimated: pixelflow.sampling_memory, calibrated accounting)",
+        f"  memory      ~{budget / GIB:.1f} GiB per device (estimated: pixelflow.sampling.memory, calibrated accounting)",
         f"  time        ~{hours:.0f} h on {args.devices} x {args.gpu_name} (estimated: {flops / 1e12:.0f} TFLOP per image "
         f"= {args.calls_per_stage} guided calls per stage (assumed for Dopri5) x FlopCounterMode count, at "
         f"{args.mfu:.0%} MFU of {args.peak_tflops:g} TFLOP/s{' bf16' if on_gpu == 'bf16' else ' / 2 (fp32)'})",

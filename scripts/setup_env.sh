@@ -14,7 +14,7 @@ install_chromium() {
   if ! ($sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq chromium >/dev/null); then
     echo "[setup] WARNING: could not install chromium (needs root or passwordless sudo, and Debian's apt)." >&2
     echo "[setup]   Install it yourself: sudo apt-get install -y chromium ; or skip that test:" >&2
-    echo "[setup]   make test ARGS='-m \"not browser\"'. Without it tests/test_demo_browser.py fails." >&2
+    echo "[setup]   make test ARGS='-m \"not browser\"'. Without it tests/demo/test_browser.py fails." >&2
   fi
 }
 if [ "${1:-}" = "--test" ]; then

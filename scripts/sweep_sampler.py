@@ -4,7 +4,7 @@
         'methods=[euler,heun]' 'steps=[4,8]' 'cfg=[1,5]' num_samples=100
 
 writes DIR/results.csv, DIR/results.md and DIR/plots/*.png; each cell lives in DIR/cells/<settings> and a
-rerun skips finished cells (pixelflow/sampler_sweep.py).
+rerun skips finished cells (pixelflow/sampling/sweep.py).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pixelflow.checkpoint import CheckpointError, load_pixelflow  # noqa: E402
 from pixelflow.host_memory import keep_freed_memory  # noqa: E402
-from pixelflow.sampler_sweep import Cell, SweepError, SweepOptions, build_grid, eval_options, reference_scorer, run_sweep  # noqa: E402
-from pixelflow.sweep_report import write_report  # noqa: E402
+from pixelflow.sampling.sweep import Cell, SweepError, SweepOptions, build_grid, eval_options, reference_scorer, run_sweep  # noqa: E402
+from pixelflow.sampling.sweep_report import write_report  # noqa: E402
 
 
 def run(cfg: DictConfig, on_cell_done: Callable[[Cell, dict], None] | None = None) -> Path:

@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 
 from pixelflow.cascade import CascadeSchedule
 from pixelflow.data.datamodule import ImageDataModule
-from pixelflow.lit_module import PixelFlowLitModule
+from pixelflow.training.lit_module import PixelFlowLitModule
 
 
 def fixed_pair_loss(model: torch.nn.Module, schedule: CascadeSchedule, images: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pixelflow.integrators import model_calls
+from pixelflow.sampling.integrators import model_calls
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -116,7 +116,7 @@ def test_gpu_check_dry_run_writes_one_json_report(tmp_path):
 
 @pytest.mark.slow
 def test_sampling_memory_model_predicts_whole_runs(capsys):
-    """Calibrated at 32 px, the model of pixelflow.sampling_memory predicts whole Test/2 runs at 64 px."""
+    """Calibrated at 32 px, the model of pixelflow.sampling.memory predicts whole Test/2 runs at 64 px."""
     checks = estimate_memory.validate_sampling("Test/2")
     assert len(checks) == 4 and all(abs(c["relative_error"]) < 0.1 for c in checks), checks
     result = estimate_memory.main(["--sampling", "--batch", "16", "100", "--method", "dopri5"])

@@ -11,8 +11,8 @@ import torch
 from pixelflow.cascade import CascadeSchedule
 from pixelflow.model import build_model
 from pixelflow.precision import sampling_precision
-from pixelflow.samplers import CascadeNoise, CascadeSampler, SamplerConfig
-from pixelflow.sampling_memory import sampling_peak_bytes
+from pixelflow.sampling.memory import sampling_peak_bytes
+from pixelflow.sampling.samplers import CascadeNoise, CascadeSampler, SamplerConfig
 from tests.hydra_utils import compose_config
 
 pytestmark = pytest.mark.gpu

@@ -10,7 +10,7 @@ from PIL import Image
 from pixelflow.data.mnist import MNIST
 from pixelflow.metrics.io import STATS_KEYS, EvaluationInputError, load_image_set, write_adm_npz
 from pixelflow.metrics.references import MNIST_DEFAULT_NUM_REF, NAMED_REFERENCES, default_num_ref, mnist_images, resolve_reference
-from pixelflow.samplers import to_uint8
+from pixelflow.sampling.samplers import to_uint8
 
 
 def _images(n=5, h=6, w=7, c=3, seed=0):

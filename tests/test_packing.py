@@ -5,8 +5,8 @@ import torch
 
 from pixelflow.cascade import CascadeSchedule
 from pixelflow.model import build_model
-from pixelflow.objective import cascade_loss
 from pixelflow.packing import Packing
+from pixelflow.training.objective import cascade_loss
 
 BATCHES = (3, 1, 2, 4)  # unequal on purpose: a misaligned segment shows
 SIDES = (2, 4, 8, 16)  # Test/2 (patch 2): token grids 1, 2, 4, 8

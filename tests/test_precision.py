@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pixelflow.precision import resolve_precision, sampling_precision
-from pixelflow.samplers import CascadeNoise, CascadeSampler, SamplerConfig
+from pixelflow.sampling.samplers import CascadeNoise, CascadeSampler, SamplerConfig
 
 
 def test_auto_is_bf16_on_cuda_and_fp32_elsewhere():

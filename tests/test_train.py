@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from pixelflow.checkpoint import CheckpointError, load_pixelflow
-from pixelflow.eval_callback import read_metrics
-from pixelflow.launch import build_training, check_global_batch, run_training
+from pixelflow.training.eval_callback import read_metrics
+from pixelflow.training.launch import build_training, check_global_batch, run_training
 from tests.hydra_utils import compose_config, tiny_train_overrides
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -54,7 +54,7 @@ def check_images(shape: tuple[int, ...], dtype: np.dtype, where: str) -> None:
         raise EvaluationInputError(f"{where}: images have shape {tuple(shape)}; expected channels-last (N, H, W, 3) or (N, H, W, 1){hint}")
     if np.dtype(dtype) != np.uint8:
         raise EvaluationInputError(f"{where}: images have dtype {np.dtype(dtype)}; expected uint8 in [0, 255]. Convert [-1, 1] floats with "
-                                   "pixelflow.samplers.to_uint8 or np.clip(np.rint((x + 1) * 127.5), 0, 255).astype(np.uint8)")
+                                   "pixelflow.sampling.samplers.to_uint8 or np.clip(np.rint((x + 1) * 127.5), 0, 255).astype(np.uint8)")
     if shape[0] < 1 or shape[1] < 1 or shape[2] < 1:
         raise EvaluationInputError(f"{where}: image array {tuple(shape)} is empty")
 

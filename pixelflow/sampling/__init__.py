@@ -1,0 +1,1 @@
+"""Sampling: samplers and integrators, generation at scale, compilation, memory model, and sampler sweeps."""

@@ -1,0 +1,250 @@
+"""Cascade samplers: Euler (published default), Heun, Adams-Bashforth 2 and adaptive Dopri5 (torchdiffeq).
+
+One sampler serves class-to-image and text-to-image models: what differs (the model's conditioning
+arguments, the unconditional branch and the stage-wise guidance rule) comes from the
+:class:`~pixelflow.conditioning.Conditioning` it is given. All randomness is drawn up front into a
+:class:`CascadeNoise` (from a ``torch.Generator``) or supplied by the caller, so a seed fully
+determines the images and golden checks can inject the published draws.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torchdiffeq import odeint
+
+from pixelflow.cascade import CascadeSchedule
+from pixelflow.conditioning import Conditioning, as_conditioning
+from pixelflow.sampling.integrators import STEPPERS
+
+__all__ = ["SamplerConfig", "CascadeNoise", "CascadeSampler", "euler_grid", "to_uint8"]
+
+METHODS = ("euler", "heun", "ab2", "dopri5")
+# The Euler grid stops short of 1 and maps its end to the table's last entry.
+_EULER_T_MAX = 0.999
+
+
+@dataclass
+class SamplerConfig:
+    """Sampler options. ``steps`` is per stage (an int means the same for every stage).
+
+    ``guidance_interval`` (lo, hi) limits guidance to global progress T / (N - 1) in [lo, hi];
+    outside it only the conditional branch runs (w = 1). ``None`` (published) guides everywhere.
+    """
+
+    method: str = "euler"
+    steps: Sequence[int] | int = 30
+    shift: float = 1.0
+    cfg: float = 4.0
+    guidance_interval: tuple[float, float] | None = None
+    atol: float = 1e-6
+    rtol: float = 1e-3
+
+    def validate(self, num_stages: int) -> list[int]:
+        """Check every value; return the per-stage step counts."""
+        if self.method not in METHODS:
+            raise ValueError(f"sampler method must be one of {METHODS}, got {self.method!r}")
+        steps = [self.steps] * num_stages if isinstance(self.steps, int) else [int(s) for s in self.steps]
+        if len(steps) != num_stages or min(steps) < 1:
+            raise ValueError(f"steps must be {num_stages} positive integers (one per stage), got {self.steps!r}")
+        if not self.shift > 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}")
+        if not self.cfg >= 1:
+            raise ValueError(f"cfg must be >= 1 (1 = no guidance), got {self.cfg}")
+        if self.guidance_interval is not None:
+            lo, hi = self.guidance_interval
+            if not 0 <= lo <= hi <= 1:
+                raise ValueError(f"guidance_interval must satisfy 0 <= lo <= hi <= 1, got {self.guidance_interval}")
+        return steps
+
+
+@dataclass
+class CascadeNoise:
+    """Every random draw of one sampling run: the stage-0 latent and each transition's block noise.
+
+    For Dopri5 the transition noise covers the CFG-doubled state (2B rows), as in the published code.
+    """
+
+    init: torch.Tensor
+    transitions: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def draw(
+        cls, schedule: CascadeSchedule, batch: int, channels: int, doubled: bool,
+        generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+    ) -> CascadeNoise:
+        sides = schedule.stage_sides
+        init = torch.randn((batch, channels, sides[0], sides[0]), generator=generator, device=device)
+        rows = 2 * batch if doubled else batch
+        transitions = [schedule.block_noise((rows, channels, s, s), generator, device) for s in sides[1:]]
+        return cls(init, transitions)
+
+
+    @classmethod
+    def per_sample(
+        cls, schedule: CascadeSchedule, seeds: Sequence[int], channels: int, doubled: bool,
+        device: torch.device | str = "cpu",
+    ) -> CascadeNoise:
+        """Each sample's draws from its own seed, so an image does not depend on its batch.
+
+        Seeds force one normal draw per sample and stage; the block correlation then runs once per
+        stage over the whole batch.
+        """
+        sides = schedule.stage_sides
+        rows = 2 if doubled else 1
+        inits, raw = [], [[] for _ in sides[1:]]
+        for seed in seeds:  # same draw order as ``draw(batch=1)`` from this seed
+            g = torch.Generator(device).manual_seed(int(seed))
+            inits.append(torch.randn((1, channels, sides[0], sides[0]), generator=g, device=device))
+            for k, s in enumerate(sides[1:]):
+                raw[k].append(torch.randn((rows, channels, s // 2, s // 2, 4), generator=g, device=device))
+        # Doubled transition noise is laid out [rows for x; rows for x'] over the whole batch.
+        transitions = [schedule.correlate_blocks(torch.cat([z[h:h + 1] for h in range(rows) for z in per_stage]))
+                       for per_stage in raw]
+        return cls(torch.cat(inits), transitions)
+
+
+def euler_grid(num_steps: int, shift: float) -> torch.Tensor:
+    """Stage-local times (N+1,) float64: shifted linspace(0, 0.999, N), then 1.0 appended."""
+    u = torch.linspace(0, _EULER_T_MAX, num_steps, dtype=torch.float64)
+    t = u / (shift + (1 - shift) * u)
+    return torch.cat([t, torch.ones(1, dtype=torch.float64)])
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] NCHW float -> [0, 255] NHWC uint8."""
+    return (x / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+@dataclass
+class SampleOutput:
+    images: torch.Tensor  # (B, C, H, W) float in [-1, 1] (unclamped)
+    stage_finals: list[torch.Tensor]  # each stage's final latent (first B rows)
+    nfe: list[int]  # batched model calls per stage
+    forward_rows: int = 0  # network input rows over the run: B per conditional-only call, 2B per guided one
+
+
+class CascadeSampler:
+    """Runs the whole cascade for a batch of conditions (class labels or text) with guidance.
+
+    The stage weight is the condition's rule (class: the published ramp; text: ``cfg`` at every
+    stage); ``guidance_interval`` then limits it for either. Where the weight is exactly 1 (stage 0
+    under the class ramp, every stage at ``cfg=1``, outside ``guidance_interval``) only the
+    conditional branch runs: v_u + 1 (v_c - v_u) is v_c, up to float rounding.
+    """
+
+    def __init__(self, model: torch.nn.Module, schedule: CascadeSchedule, config: SamplerConfig):
+        self.model, self.schedule, self.config = model, schedule, config
+        self.steps = config.validate(schedule.num_stages)
+        self.forward_rows = 0  # network input rows of the last sample() call (2 per guided image-call)
+
+    # ---- velocity with guidance -------------------------------------------------------
+    def _weight_at(self, stage_weight: float, timestep: float) -> float:
+        """The guidance weight at global timestep T: 1 outside the guidance interval."""
+        if self.config.guidance_interval is None:
+            return stage_weight
+        lo, hi = self.config.guidance_interval
+        return stage_weight if lo <= timestep / (self.schedule.num_train_timesteps - 1) <= hi else 1.0
+
+    def velocity(self, x: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, weight: float) -> torch.Tensor:
+        """v_u + w (v_c - v_u) from one batched forward over [uncond; cond] rows; w == 1 runs v_c alone."""
+        batch = x.shape[0]
+        if weight == 1.0:
+            self.forward_rows += batch
+            return self.model(x, timestep.expand(batch), **cond.cond_kwargs())
+        self.forward_rows += 2 * batch
+        v_uncond, v_cond = self.model(torch.cat([x, x]), timestep.expand(2 * batch), **cond.both_kwargs()).chunk(2)
+        return v_uncond + weight * (v_cond - v_uncond)
+
+    # ---- per-stage integrators ------------------------------------------------------
+    def stage_grid(self, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stage-local times (N+1,) float64, global timesteps of grid points 0..N-1 as float32).
+
+        Euler/Heun use the published grid (shifted linspace to 0.999, then 1); AB2 a shifted
+        linspace(0, 1, N+1) on the same time axis Dopri5 integrates.
+        """
+        n = self.steps[stage]
+        if self.config.method == "ab2":
+            u = torch.linspace(0, 1, n + 1, dtype=torch.float64)
+            t = u / (self.config.shift + (1 - self.config.shift) * u)
+            return t, self.schedule.stage_timestep(stage, t[:-1]).float()
+        t = euler_grid(n, self.config.shift)
+        return t, self.schedule.stage_timestep(stage, t[:-1], _EULER_T_MAX).float()
+
+    def _fixed_grid_stage(self, x, stage, cond, weight, on_step):
+        t, timesteps = self.stage_grid(stage)
+        # Everything per step is prepared here, on the host, once per stage.
+        t32 = t.float()
+        dts = (t32[1:] - t32[:-1]).tolist()
+        weights = [self._weight_at(weight, T) for T in timesteps.tolist()]
+        timesteps = timesteps.to(x.device)
+        calls = 0
+
+        def velocity(y: torch.Tensor, n: int) -> torch.Tensor:
+            nonlocal calls
+            calls += 1
+            return self.velocity(y, timesteps[n], cond, weights[n])
+
+        report = None if on_step is None else (lambda done, total: on_step(stage, done, total))
+        x = STEPPERS[self.config.method](x, velocity, dts, report)
+        return x, calls
+
+    def _dopri5_stage(self, state, stage, cond, weight, on_step):
+        """Adaptive Dopri5 on the CFG-doubled state, as published (torchdiffeq syncs for step control)."""
+        table = self.schedule.timestep_tables[stage]
+        t0, t_last = float(table[0]), float(table[-1])
+        batch, nfe = cond.batch, 0
+        interval = self.config.guidance_interval is not None
+
+        def rhs(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            nonlocal nfe
+            nfe += 1
+            timestep = (t0 + t * (t_last - t0)).float().reshape(1)
+            w = self._weight_at(weight, float(timestep)) if interval else weight
+            v = self.velocity(y[:batch], timestep, cond, w)
+            return torch.cat([v, v])
+
+        grid = torch.tensor([0.0, 1.0], device=state.device)
+        out = odeint(rhs, state, grid, method="dopri5", atol=self.config.atol, rtol=self.config.rtol)[-1]
+        if on_step is not None:
+            on_step(stage, 1, 1)
+        return out, nfe
+
+    # ---- the cascade ----------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        condition: Conditioning | torch.Tensor,
+        generator: torch.Generator | None = None,
+        noise: CascadeNoise | None = None,
+        on_stage_end: Callable[[int, torch.Tensor], None] | None = None,
+        on_step: Callable[[int, int, int], None] | None = None,
+    ) -> SampleOutput:
+        """Generate B images for ``condition``: class labels (B,) or a :class:`Conditioning` (e.g. a
+        :class:`~pixelflow.text.TextCondition`); draws come from ``noise`` or ``generator``."""
+        device = next(self.model.parameters()).device
+        cond = as_conditioning(self.model, condition.to(device))
+        doubled = self.config.method == "dopri5"
+        batch = cond.batch
+        if noise is None:
+            noise = CascadeNoise.draw(self.schedule, batch, self.model.in_channels, doubled, generator, device)
+        if noise.init.shape[0] != batch:
+            raise ValueError(f"noise is for {noise.init.shape[0]} images but the condition for {batch}")
+        x = noise.init.to(device)
+        if doubled:
+            x = torch.cat([x, x])
+        self.forward_rows = 0
+        finals, nfes = [], []
+        for stage in range(self.schedule.num_stages):
+            if stage:
+                x = self.schedule.transition(x, stage, noise.transitions[stage - 1].to(device))
+            weight = cond.stage_weight(self.config.cfg, stage, self.schedule)
+            integrate = self._dopri5_stage if doubled else self._fixed_grid_stage
+            x, nfe = integrate(x, stage, cond, weight, on_step)
+            finals.append(x[:batch])
+            nfes.append(nfe)
+            if on_stage_end is not None:
+                on_stage_end(stage, x[:batch])
+        return SampleOutput(images=x[:batch], stage_finals=finals, nfe=nfes, forward_rows=self.forward_rows)

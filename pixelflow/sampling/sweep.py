@@ -1,0 +1,239 @@
+"""Sampler sweeps: every combination of sampler settings generated and scored, one resumable cell each.
+
+``OUT/cells/<cell name>/`` (the name spells the cell's settings) holds the samples (through
+:func:`pixelflow.sampling.generate.generate`, resumable by shards), ``generation.json`` (model calls and seconds
+per image, written when generation finishes), ``metrics.json`` (:mod:`pixelflow.metrics`) and
+``result.json``, written atomically last: a restarted sweep skips every cell that has one. Every cell
+uses the same per-sample seeds, so cells differ only by their sampler settings. ``OUT/sweep.json``
+records the fixed settings (checkpoint, reference, seed, ...); a restart with other ones is refused.
+With ``compile``, the network is compiled once for the cells still to run, before the first of them;
+the compile time goes to ``OUT/compile.json``, not into any cell's seconds per image.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from lightning.fabric import Fabric
+
+from pixelflow.checkpoint import LoadedModel
+from pixelflow.metrics.evaluation import EvalOptions, evaluate, write_metrics
+from pixelflow.metrics.io import load_image_set
+from pixelflow.metrics.references import default_num_ref, is_mnist_reference, resolve_reference
+from pixelflow.sampling.call_counter import CallCounter
+from pixelflow.sampling.compile import batch_sizes, compile_loaded
+from pixelflow.sampling.generate import SHARD_DIR, finished_indices, generate
+from pixelflow.sampling.samplers import SamplerConfig
+
+__all__ = ["SweepError", "Cell", "SweepOptions", "build_grid", "eval_options", "reference_scorer", "run_cell", "run_sweep"]
+
+Scorer = Callable[[Path], dict[str, Any]]  # samples.npz -> an evaluate() result (metrics, unavailable, ...)
+
+
+class SweepError(ValueError):
+    """A sweep setting or output folder that cannot be used as given (the message says how to fix it)."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One combination of sampler settings (``steps``: one int, or a tuple with one entry per stage)."""
+
+    method: str
+    steps: int | tuple[int, ...]
+    cfg: float
+    shift: float
+    guidance_interval: tuple[float, float] | None
+    num_samples: int
+
+    @property
+    def name(self) -> str:
+        """The cell's folder name, e.g. ``euler_steps8_cfg5_shift1_giall_n100``."""
+        steps = "-".join(map(str, self.steps)) if isinstance(self.steps, tuple) else str(self.steps)
+        gi = "all" if self.guidance_interval is None else "-".join(f"{v:g}" for v in self.guidance_interval)
+        return f"{self.method}_steps{steps}_cfg{self.cfg:g}_shift{self.shift:g}_gi{gi}_n{self.num_samples}"
+
+    def settings(self) -> dict[str, Any]:
+        """The settings as JSON values (tuples as lists), as stored in ``result.json``."""
+        values = asdict(self)
+        for key in ("steps", "guidance_interval"):
+            if isinstance(values[key], tuple):
+                values[key] = list(values[key])
+        return values
+
+    def sampler_config(self, atol: float = 1e-6, rtol: float = 1e-3) -> SamplerConfig:
+        return SamplerConfig(method=self.method, steps=self.steps, shift=self.shift, cfg=self.cfg,
+                             guidance_interval=self.guidance_interval, atol=atol, rtol=rtol)
+
+
+@dataclass
+class SweepOptions:
+    """Settings shared by every cell."""
+
+    batch_size: int = 16
+    seed: int = 0
+    classes: list[int] | None = None
+    precision: str = "auto"
+    atol: float = 1e-6  # dopri5 only
+    rtol: float = 1e-3  # dopri5 only
+    compile: bool = False  # torch.compile the network once, for every shape the cells still to run need
+    fixed: dict[str, Any] = field(default_factory=dict)  # further settings that must not change on a restart
+
+
+def _as_list(values: Any, name: str) -> list:
+    values = list(values) if isinstance(values, Sequence) and not isinstance(values, str) else [values]
+    if not values:
+        raise SweepError(f"{name} is an empty list: give at least one value, e.g. '{name}=[...]'")
+    return values
+
+
+def _steps_entry(value: Any) -> int | tuple[int, ...]:
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return tuple(int(v) for v in value)
+    return int(value)
+
+
+def _interval_entry(value: Any) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    if not (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2):
+        raise SweepError(f"guidance_interval entries must be null or [lo, hi], got {value!r}; "
+                         "one interval is written 'guidance_interval=[[0.1,0.9]]' (a list of intervals)")
+    return float(value[0]), float(value[1])
+
+
+def build_grid(methods: Any, steps: Any, cfg: Any, shift: Any, guidance_interval: Any, num_samples: Any,
+               num_stages: int) -> list[Cell]:
+    """Every combination of the lists (a scalar counts as a one-entry list), each checked by ``SamplerConfig``.
+
+    ``steps`` entries are an int or a per-stage list (``steps=[[10,20,30,30],8]``); ``guidance_interval``
+    entries are null or ``[lo, hi]``. Dopri5 gets one cell per cfg / interval / sample count, named with
+    the first ``steps`` and ``shift`` (it uses neither).
+    """
+    axes = {"methods": [str(m) for m in _as_list(methods, "methods")],
+            "steps": [_steps_entry(s) for s in _as_list(steps, "steps")],
+            "cfg": [float(c) for c in _as_list(cfg, "cfg")], "shift": [float(s) for s in _as_list(shift, "shift")],
+            "guidance_interval": [_interval_entry(g) for g in _as_list(guidance_interval, "guidance_interval")],
+            "num_samples": [int(n) for n in _as_list(num_samples, "num_samples")]}
+    for name, values in axes.items():
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            raise SweepError(f"{name} lists {', '.join(repeated)} more than once; give each value once")
+    if min(axes["num_samples"]) < 2:
+        raise SweepError(f"num_samples must be >= 2 (FID needs at least 2 images), got {axes['num_samples']}")
+    cells = [Cell(*combo) for combo in itertools.product(*axes.values())]
+    # Dopri5 ignores steps and shift (adaptive, on each stage's own time): one cell per its other settings.
+    cells = list(dict.fromkeys(replace(c, steps=axes["steps"][0], shift=axes["shift"][0]) if c.method == "dopri5" else c
+                               for c in cells))
+    for cell in cells:
+        try:
+            cell.sampler_config().validate(num_stages)
+        except ValueError as err:
+            raise SweepError(f"cell {cell.name}: {err}") from err
+    names = [c.name for c in cells]
+    if len(set(names)) != len(names):
+        raise SweepError("two cells share a folder name (values equal to 6 significant digits); make the values differ more")
+    return cells
+
+
+def eval_options(ref: str, inception: str | bool = "auto", classifier: str | bool = "auto", num_ref: Any = "auto",
+                 **kwargs: Any) -> EvalOptions:
+    """Scoring options: ``auto`` scores MNIST references with the MNIST classifier only (fast), others with Inception."""
+    for name, value in (("inception", inception), ("classifier", classifier)):
+        if value not in ("auto", True, False):
+            raise SweepError(f"{name}={value!r}: use auto, true or false")
+    mnist = is_mnist_reference(ref)
+    return EvalOptions(inception=not mnist if inception == "auto" else bool(inception),
+                       classifier=mnist if classifier == "auto" else bool(classifier),
+                       num_ref=default_num_ref(ref, num_ref), **kwargs)
+
+
+def reference_scorer(ref: str, opts: EvalOptions) -> Scorer:
+    """Score a cell's ``samples.npz`` against ``ref`` (read once) with :func:`pixelflow.metrics.evaluation.evaluate`."""
+    reference = resolve_reference(ref)
+    return lambda samples: evaluate(load_image_set(samples), reference, opts)
+
+
+def _generate_measured(loaded: LoadedModel, counter: CallCounter, cell: Cell, cell_dir: Path, opts: SweepOptions,
+                       fabric: Fabric) -> dict[str, Any]:
+    """Generate the cell's samples (resuming its shards); model calls and seconds per image of what this run made."""
+    path = cell_dir / "generation.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    shards = cell_dir / SHARD_DIR
+    done = len(finished_indices(shards)) if shards.is_dir() else 0
+    if done >= cell.num_samples:  # generated, but killed before its measurement was written: measure again
+        shutil.rmtree(cell_dir)
+        done = 0
+    counter.reset()
+    start = time.perf_counter()
+    generate(replace(loaded, model=counter), cell.sampler_config(opts.atol, opts.rtol), cell_dir, cell.num_samples,
+             opts.batch_size, opts.seed, opts.classes, save_png=False, fabric=fabric, precision=opts.precision)
+    seconds = time.perf_counter() - start
+    images = cell.num_samples - done
+    measured = {"model_calls_per_image": counter.rows / images, "seconds_per_image": seconds / images,
+                "images_measured": images, "forward_calls": counter.calls}
+    write_metrics(measured, path)
+    return measured
+
+
+def run_cell(loaded: LoadedModel, counter: CallCounter, cell: Cell, cell_dir: Path, score: Scorer, opts: SweepOptions,
+             fabric: Fabric) -> dict[str, Any]:
+    """Generate, measure and score one cell; returns (and atomically writes) its ``result.json`` content."""
+    measured = _generate_measured(loaded, counter, cell, cell_dir, opts, fabric)
+    scored = score(cell_dir / "samples.npz")
+    write_metrics(scored, cell_dir / "metrics.json")
+    result = {"name": cell.name, "settings": cell.settings(), **measured, "metrics": scored["metrics"],
+              "unavailable": scored["unavailable"]}
+    write_metrics(result, cell_dir / "result.json")
+    return result
+
+
+def _check_fixed(path: Path, fixed: dict[str, Any]) -> None:
+    fixed = json.loads(json.dumps(fixed))  # as stored
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = [f"{k}: {before.get(k)!r} then, {fixed.get(k)!r} now" for k in sorted(set(before) | set(fixed))
+                   if before.get(k) != fixed.get(k)]
+        if changed:
+            raise SweepError(f"{path.parent} holds a sweep with other fixed settings ({'; '.join(changed)}); its cells "
+                             "would not be comparable with new ones. Use a new out_dir, or the same settings to resume")
+    else:
+        write_metrics(fixed, path)
+
+
+def run_sweep(loaded: LoadedModel, cells: list[Cell], out_dir: str | Path, score: Scorer, opts: SweepOptions,
+              fabric: Fabric | None = None, on_cell_done: Callable[[Cell, dict[str, Any]], None] | None = None
+              ) -> list[dict[str, Any]]:
+    """Run every cell not finished yet (no ``result.json``); returns all cells' results in grid order."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shared = {k: v for k, v in asdict(opts).items() if k != "fixed"}
+    _check_fixed(out_dir / "sweep.json", {**shared, **opts.fixed, "checkpoint": loaded.source})
+    fabric = fabric or Fabric(accelerator="auto", devices=1)
+    todo = [c for c in cells if not (out_dir / "cells" / c.name / "result.json").is_file()]
+    if opts.compile and todo:
+        sizes = set().union(*(batch_sizes(c.num_samples, opts.batch_size) for c in todo))
+        loaded, seconds = compile_loaded(loaded, [c.sampler_config() for c in todo], sizes, fabric.device, opts.precision)
+        write_metrics({"compile_seconds": seconds, "cells": [c.name for c in todo]}, out_dir / "compile.json")
+    counter = CallCounter(loaded.model)
+    results = []
+    for i, cell in enumerate(cells):
+        cell_dir = out_dir / "cells" / cell.name
+        done = cell_dir / "result.json"
+        if done.is_file():
+            result = json.loads(done.read_text())
+            print(f"[sweep] cell {i + 1}/{len(cells)} {cell.name}: finished before, skipped")
+        else:
+            print(f"[sweep] cell {i + 1}/{len(cells)} {cell.name}")
+            result = run_cell(loaded, counter, cell, cell_dir, score, opts, fabric)
+        results.append(result)
+        if on_cell_done is not None:
+            on_cell_done(cell, result)
+    return results

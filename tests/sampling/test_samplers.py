@@ -1,0 +1,151 @@
+import pytest
+import torch
+
+from pixelflow.conditioning import ClassCondition
+from pixelflow.sampling.samplers import CascadeNoise, CascadeSampler, SamplerConfig, euler_grid, to_uint8
+
+
+def run(model, schedule, labels, seed=0, **kw):
+    sampler = CascadeSampler(model, schedule, SamplerConfig(**{"steps": 2, "cfg": 3.0, **kw}))
+    return sampler.sample(labels, generator=torch.Generator().manual_seed(seed))
+
+
+def test_euler_grid_shift_and_endpoint():
+    assert euler_grid(3, 1.0).tolist() == pytest.approx([0, 0.4995, 0.999, 1.0])
+    t = euler_grid(3, 2.0)
+    assert t[1].item() == pytest.approx(0.4995 / (2 - 0.4995)) and t[-1] == 1.0
+
+
+def test_same_seed_same_images_different_seed_different(tiny_model, tiny_schedule):
+    labels = torch.tensor([1, 2])
+    a, b = run(tiny_model, tiny_schedule, labels, 7), run(tiny_model, tiny_schedule, labels, 7)
+    c = run(tiny_model, tiny_schedule, labels, 8)
+    assert torch.equal(a.images, b.images)
+    assert not torch.allclose(a.images, c.images)
+    assert a.images.shape == (2, 3, 32, 32)
+    assert [f.shape[-1] for f in a.stage_finals] == [4, 8, 16, 32]
+
+
+@pytest.mark.parametrize("method,calls", [("euler", [2, 2, 2, 2]), ("heun", [3, 3, 3, 3]), ("ab2", [2, 2, 2, 2])])
+def test_model_calls_per_stage(tiny_model, tiny_schedule, method, calls):
+    assert run(tiny_model, tiny_schedule, torch.tensor([0]), method=method).nfe == calls
+
+
+@pytest.mark.slow
+def test_dopri5_runs_adaptively_and_agrees_with_fine_heun(tiny_model, tiny_schedule):
+    labels = torch.tensor([3, 4])
+    noise = CascadeNoise.draw(tiny_schedule, 2, 3, doubled=True, generator=torch.Generator().manual_seed(0))
+    dopri = CascadeSampler(tiny_model, tiny_schedule, SamplerConfig(method="dopri5", cfg=2.0)).sample(labels, noise=noise)
+    assert all(n >= 8 and (n - 2) % 6 == 0 for n in dopri.nfe)
+    euler_noise = CascadeNoise(noise.init, [n[:2] for n in noise.transitions])
+    heun = CascadeSampler(tiny_model, tiny_schedule, SamplerConfig(method="heun", steps=20, cfg=2.0)).sample(labels, noise=euler_noise)
+    assert (dopri.images - heun.images).abs().max() < 0.02
+
+
+def test_guidance_is_one_batched_forward_and_follows_the_stage_ramp(tiny_model, tiny_schedule):
+    calls = []
+    tiny_model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    labels = torch.tensor([1, 2, 3])
+    run(tiny_model, tiny_schedule, labels, steps=1)
+    assert calls == [3, 6, 6, 6]  # stage 0 has w = 1: conditional only; then [null; class] in one batch
+    assert [tiny_schedule.stage_cfg(3.0, k) for k in range(4)] == pytest.approx([1, 1 + 2 / 6, 1 + 4 / 3, 3])
+
+
+def test_guidance_formula(tiny_model, tiny_schedule):
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor(300.0), torch.tensor([1, 2])
+    sampler = CascadeSampler(tiny_model, tiny_schedule, SamplerConfig(steps=1))
+    v_u = tiny_model(x, t.expand(2), torch.full_like(y, 10))
+    v_c = tiny_model(x, t.expand(2), y)
+    assert torch.allclose(sampler.velocity(x, t, ClassCondition(y, 10), 2.5), v_u + 2.5 * (v_c - v_u), atol=1e-5)
+
+
+def test_guidance_interval_skips_unconditional_outside(tiny_model, tiny_schedule):
+    calls = []
+    tiny_model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    run(tiny_model, tiny_schedule, torch.tensor([1]), steps=1, guidance_interval=(0.4, 0.8))
+    # stage starts T = 0, 175, 426, 719 -> progress 0, .18, .43, .72: guided only in stages 2 and 3
+    assert calls == [1, 1, 2, 2]
+
+
+def test_cfg_changes_images(tiny_model, tiny_schedule):
+    labels = torch.tensor([1])
+    assert not torch.allclose(run(tiny_model, tiny_schedule, labels, cfg=1.0).images,
+                              run(tiny_model, tiny_schedule, labels, cfg=4.0).images)
+
+
+def test_per_sample_noise_is_batch_independent(tiny_model, tiny_schedule):
+    both = CascadeNoise.per_sample(tiny_schedule, [11, 12], 3, doubled=False)
+    alone = CascadeNoise.per_sample(tiny_schedule, [12], 3, doubled=False)
+    assert torch.equal(both.init[1:], alone.init)
+    assert all(torch.equal(a[1:], b) for a, b in zip(both.transitions, alone.transitions))
+    doubled = CascadeNoise.per_sample(tiny_schedule, [11, 12], 3, doubled=True)
+    assert doubled.transitions[0].shape[0] == 4
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(method="rk4"), "method"), (dict(steps=[1, 2]), "steps"), (dict(steps=0), "steps"),
+    (dict(shift=0), "shift"), (dict(cfg=0.5), "cfg"), (dict(guidance_interval=(0.8, 0.2)), "guidance_interval"),
+])
+def test_invalid_sampler_settings_are_clear_errors(tiny_model, tiny_schedule, bad, match):
+    with pytest.raises(ValueError, match=match):
+        CascadeSampler(tiny_model, tiny_schedule, SamplerConfig(**bad))
+
+
+def test_out_of_range_label_is_a_clear_error(tiny_model, tiny_schedule):
+    with pytest.raises(ValueError, match="class labels"):
+        run(tiny_model, tiny_schedule, torch.tensor([10]))
+
+
+def test_to_uint8():
+    x = torch.tensor([-2.0, -1.0, 0.0, 1.0]).view(1, 1, 2, 2).expand(1, 3, 2, 2)
+    assert to_uint8(x)[0, :, :, 0].flatten().tolist() == [0, 0, 128, 255]
+
+
+class _AlwaysBothBranches(CascadeSampler):
+    """The full computation: [uncond; cond] forward and v_u + w (v_c - v_u) even where w == 1."""
+
+    def velocity(self, x, timestep, cond, weight):
+        v_u, v_c = self.model(torch.cat([x, x]), timestep.expand(2 * x.shape[0]), **cond.both_kwargs()).chunk(2)
+        return v_u + weight * (v_c - v_u)
+
+
+@pytest.mark.parametrize("kw", [dict(cfg=3.0), dict(cfg=1.0), dict(cfg=3.0, guidance_interval=(0.4, 0.8)),
+                                dict(method="heun", cfg=3.0), dict(method="ab2", cfg=1.0)])
+def test_guidance_skip_matches_the_full_computation_to_float_rounding(tiny_model, tiny_schedule, kw):
+    labels = torch.tensor([1, 5, 7])
+    noise = CascadeNoise.draw(tiny_schedule, 3, 3, doubled=False, generator=torch.Generator().manual_seed(4))
+    config = SamplerConfig(**{"steps": 3, **kw})
+    rows = []
+    tiny_model.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    fast = CascadeSampler(tiny_model, tiny_schedule, config).sample(labels, noise=noise)
+    fast_rows, rows[:] = sum(rows), []
+    full = _AlwaysBothBranches(tiny_model, tiny_schedule, config).sample(labels, noise=noise)
+    assert fast.nfe == full.nfe
+    assert (fast.images - full.images).abs().max() < 1e-5
+    assert fast.forward_rows == fast_rows < sum(rows)  # stage 0 (w = 1) at least ran conditional-only
+
+
+def test_cfg_one_runs_only_the_conditional_branch(tiny_model, tiny_schedule):
+    calls = []
+    tiny_model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    out = run(tiny_model, tiny_schedule, torch.tensor([1, 2]), steps=2, cfg=1.0)
+    assert calls == [2] * 8 and out.forward_rows == 16
+
+
+@pytest.mark.slow
+def test_guidance_skip_in_dopri5_keeps_the_doubled_state_and_matches_the_full_computation(tiny_model, tiny_schedule):
+    labels = torch.tensor([2, 3])
+    noise = CascadeNoise.draw(tiny_schedule, 2, 3, doubled=True, generator=torch.Generator().manual_seed(0))
+    config = SamplerConfig(method="dopri5", cfg=2.0, rtol=1e-2, atol=1e-3)
+    fast = CascadeSampler(tiny_model, tiny_schedule, config).sample(labels, noise=noise)
+    full = _AlwaysBothBranches(tiny_model, tiny_schedule, config).sample(labels, noise=noise)
+    assert fast.nfe == full.nfe and (fast.images - full.images).abs().max() < 1e-4
+
+
+def test_ab2_grid_spans_the_whole_stage_like_dopri5(tiny_model, tiny_schedule):
+    sampler = CascadeSampler(tiny_model, tiny_schedule, SamplerConfig(method="ab2", steps=4, shift=2.0))
+    t, timesteps = sampler.stage_grid(2)
+    table = tiny_schedule.timestep_tables[2]
+    assert t[0] == 0 and t[-1] == 1 and len(timesteps) == 4
+    assert timesteps[0].item() == pytest.approx(float(table[0]))
+    assert timesteps[1].item() == pytest.approx(float(table[0] + (0.25 / (2 - 0.25)) * (table[-1] - table[0])))
