@@ -6,12 +6,12 @@
     python scripts/benchmark.py --sampling --model XL/4 --device cuda --sample-batch 16 --sample-steps 30 --out s.json
 
 Training: AdamW (foreach on CUDA), gradient clipping 1.0, EMA every step, ``--accumulation``
-micro-batches per optimizer step, the real ``cascade_loss`` (per-stage sub-batches) on random
+micro-batches per optimizer step, the real ``cascade_loss`` (every stage at its own size, packed in one pass) on random
 images. Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the high-water mark of
 live tensor bytes seen by :class:`TensorMemoryTracker` over one extra step (the same quantity,
 counted by a dispatch mode because CPU has no allocator statistics). FLOPs per image come from
 ``torch.utils.flop_counter.FlopCounterMode`` (fwd + bwd of one micro-batch); MFU is reported
-where a CUDA device is present. ``padding`` compares the per-stage sub-batches with one padded
+where a CUDA device is present. ``padding`` compares that unpadded loss (keys ``*_sub_batches``) with one padded
 batch at the full size: tokens, FLOPs and (except on meta) measured time of forward + backward.
 
 ``--sampling`` measures sampling only: seconds and model calls per image of every method in ``--methods``

@@ -1,4 +1,4 @@
-"""The cascade flow-matching loss: balanced stages per batch, per-stage sub-batches, per-sample MSE."""
+"""The cascade flow-matching loss: balanced stages per batch, each at its own size in one packed pass, per-sample MSE."""
 
 from __future__ import annotations
 

@@ -149,3 +149,15 @@ def test_ab2_grid_spans_the_whole_stage_like_dopri5(tiny_model, tiny_schedule):
     assert t[0] == 0 and t[-1] == 1 and len(timesteps) == 4
     assert timesteps[0].item() == pytest.approx(float(table[0]))
     assert timesteps[1].item() == pytest.approx(float(table[0] + (0.25 / (2 - 0.25)) * (table[-1] - table[0])))
+
+
+def test_the_old_import_path_is_the_same_sampler_and_warns():
+    import importlib
+    import sys
+
+    import pixelflow.sampling.samplers as current
+
+    sys.modules.pop("pixelflow.samplers", None)
+    with pytest.warns(DeprecationWarning, match="pixelflow.sampling.samplers"):
+        old = importlib.import_module("pixelflow.samplers")
+    assert old.CascadeSampler is current.CascadeSampler and old.SamplerConfig is current.SamplerConfig
