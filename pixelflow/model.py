@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pixelflow.packing import Packing
+from pixelflow.packing import Packing, per_token
 from pixelflow.rope import apply_rope, rope_pairs
 
 __all__ = ["PixelFlowTransformer", "PIXELFLOW_CONFIGS", "build_model"]
@@ -140,8 +140,7 @@ class AdaLNModulation(nn.Module):
         """(B, 1, D) vectors per sample, or (1, N, D) per token of a ``packing``."""
         with fp32_region(c.device):
             out = F.linear(F.silu(c.float()), self.linear.weight.float(), self.linear.bias.float())
-        out = out[:, None, :] if packing is None else packing.per_token(out)
-        return out.chunk(self.chunks, dim=-1)
+        return per_token(out, packing).chunk(self.chunks, dim=-1)
 
 
 class TransformerBlock(nn.Module):
@@ -362,8 +361,7 @@ class PixelFlowTransformer(nn.Module):
         """Final adaLN LayerNorm and projection to patch pixels."""
         with fp32_region(c.device):
             modulation = self.proj_out_1(F.silu(c.float()))
-        modulation = modulation[:, None, :] if packing is None else packing.per_token(modulation)
-        shift, scale = modulation.chunk(2, dim=-1)
+        shift, scale = per_token(modulation, packing).chunk(2, dim=-1)
         h32 = F.layer_norm(h.float(), h.shape[-1:], eps=1e-6) * (1 + scale) + shift
         return self.proj_out_2(h32.to(h.dtype))
 

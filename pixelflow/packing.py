@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Packing"]
+__all__ = ["Packing", "per_token"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,11 @@ class Packing:
             out = F.scaled_dot_product_attention(_per_sample(q_seg, batch, length), k_seg, v_seg, attn_mask=mask)
             outs.append(out.transpose(0, 1).flatten(1, 2))  # (H, b*s, d)
         return torch.cat(outs, dim=1)[None]
+
+
+def per_token(per_sample: torch.Tensor, packing: Packing | None) -> torch.Tensor:
+    """(B, F) vectors per sample, ready to broadcast over tokens: (B, 1, F), or (1, N, F) for a ``packing``."""
+    return per_sample[:, None, :] if packing is None else packing.per_token(per_sample)
 
 
 def _per_sample(t: torch.Tensor, batch: int, length: int) -> torch.Tensor:
