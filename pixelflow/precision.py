@@ -5,7 +5,7 @@ matmuls, the setting of the published ``sample_ddp.py``. What it changes against
 
 - Linear layers, attention and the patch embedding run in bf16 (autocast); the model's own
   fp32 regions (timestep/label/size conditioning, adaLN modulation, layer norms, RoPE and the
-  q/k RMSNorms; see ``pixelflow/model.py``) stay fp32, as in the published model code.
+  q/k RMSNorms; see ``pixelflow/layers.py``) stay fp32, as in the published model code.
 - The velocity the model returns is bf16, so the guidance mix ``v_u + w (v_c - v_u)`` is formed
   in bf16, as in the published code.
 - fp32 matmuls outside autocast (the conditioning MLPs) use TF32 on Ampere and newer GPUs.

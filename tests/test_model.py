@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from pixelflow.model import PIXELFLOW_CONFIGS, PixelFlowTransformer, build_model, sinusoid
+from pixelflow.model import PIXELFLOW_CONFIGS, PixelFlowTransformer, build_model
 from tests.conftest import GOLDEN_T2I, MANIFEST
 
 
@@ -140,14 +140,6 @@ def test_per_row_timesteps_condition_each_row(tiny_model):
     assert torch.allclose(both[0], tiny_model(x[:1], 10.0, labels[:1])[0], atol=1e-6)
     assert torch.allclose(both[1], tiny_model(x[:1], 900.0, labels[:1])[0], atol=1e-6)
     assert not torch.allclose(both[0], both[1], atol=1e-3)
-
-
-def test_sinusoid_is_cosine_first_with_divisor_127():
-    emb = sinusoid(torch.tensor([3.0]))
-    k = torch.arange(128)
-    f = torch.exp(-torch.log(torch.tensor(10000.0)) * k / 127)
-    assert torch.allclose(emb[0, :128], torch.cos(3 * f), atol=1e-6)
-    assert torch.allclose(emb[0, 128:], torch.sin(3 * f), atol=1e-6)
 
 
 def test_rejects_non_square_or_unpatchable_input(tiny_model):

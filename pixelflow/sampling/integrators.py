@@ -20,7 +20,7 @@ OnStep = Callable[[int, int], None] | None
 def euler(x: torch.Tensor, velocity: Velocity, dts: Sequence[float], on_step: OnStep = None) -> torch.Tensor:
     """x_{n+1} = x_n + h_n v_n: one model call per step (the published sampler)."""
     for n, dt in enumerate(dts):
-        x = x + dt * velocity(x, n)
+        x = torch.add(x, velocity(x, n), alpha=dt)
         if on_step is not None:
             on_step(n + 1, len(dts))
     return x

@@ -156,7 +156,7 @@ class CascadeSampler:
             return self.model(x, timestep.expand(batch), **cond.cond_kwargs())
         self.forward_rows += 2 * batch
         v_uncond, v_cond = self.model(torch.cat([x, x]), timestep.expand(2 * batch), **cond.both_kwargs()).chunk(2)
-        return v_uncond + weight * (v_cond - v_uncond)
+        return torch.add(v_uncond, v_cond - v_uncond, alpha=weight)
 
     # ---- per-stage integrators ------------------------------------------------------
     def stage_grid(self, stage: int) -> tuple[torch.Tensor, torch.Tensor]:

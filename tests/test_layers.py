@@ -1,0 +1,33 @@
+"""The layers' small formulas: sinusoid, adaLN modulation and the gated residual."""
+
+import torch
+
+from pixelflow.layers import fp32_region, gated_residual, modulate, sinusoid
+
+
+def test_sinusoid_is_cosine_first_with_divisor_127():
+    emb = sinusoid(torch.tensor([3.0]))
+    k = torch.arange(128)
+    f = torch.exp(-torch.log(torch.tensor(10000.0)) * k / 127)
+    assert torch.allclose(emb[0, :128], torch.cos(3 * f), atol=1e-6)
+    assert torch.allclose(emb[0, 128:], torch.sin(3 * f), atol=1e-6)
+
+
+def test_modulate_and_gated_residual_are_their_formulas():
+    torch.manual_seed(0)
+    x, shift, scale, gate = torch.randn(2, 5, 8), torch.randn(2, 1, 8), torch.randn(2, 1, 8), torch.randn(2, 1, 8)
+    torch.testing.assert_close(modulate(x, shift, scale), x * (1 + scale) + shift)
+    torch.testing.assert_close(gated_residual(x, gate, x), x + gate * x)
+    # autocast: a bf16 branch output meets an fp32 gate; the residual keeps the stream's dtype
+    stream = x.bfloat16()
+    assert gated_residual(stream, gate, x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_fp32_region_turns_autocast_off_only_where_it_is_on():
+    with fp32_region(torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with fp32_region(torch.device("cpu")):
+            assert not torch.is_autocast_enabled("cpu")
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+        assert torch.is_autocast_enabled("cpu")
