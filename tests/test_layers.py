@@ -1,8 +1,8 @@
-"""The layers' small formulas: sinusoid, adaLN modulation and the gated residual."""
+"""The layers' small formulas (sinusoid, adaLN modulation, gated residual) and the CPU inference patch projection."""
 
 import torch
 
-from pixelflow.layers import fp32_region, gated_residual, modulate, sinusoid
+from pixelflow.layers import PatchEmbed, fp32_region, gated_residual, modulate, sinusoid
 
 
 def test_sinusoid_is_cosine_first_with_divisor_127():
@@ -31,3 +31,20 @@ def test_fp32_region_turns_autocast_off_only_where_it_is_on():
             assert not torch.is_autocast_enabled("cpu")
             assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
         assert torch.is_autocast_enabled("cpu")
+
+
+def test_patch_embed_inference_matmul_equals_the_convolution(monkeypatch):
+    """Without autograd on the CPU the patch projection is one matmul over gathered patches; same values."""
+    torch.manual_seed(0)
+    embed = PatchEmbed(patch_size=4, in_channels=3, hidden=24)
+    x = torch.randn(2, 3, 16, 12)
+    ref = embed(x).detach()  # autograd on: the Conv2d
+
+    def no_conv(_):
+        raise AssertionError("inference should not run the convolution")
+
+    monkeypatch.setattr(embed.proj, "forward", no_conv)
+    with torch.no_grad():
+        out = embed(x)
+    assert out.shape == (2, 12, 24)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
