@@ -4,9 +4,10 @@ ATen's tanh-GELU kernel is slow on x86 CPUs (10-12 ms for 6.5M floats on this pr
 machines, five times a ``torch.tanh`` pass over the same memory). oneDNN applies the same GELU as a
 post-op of the linear layer that feeds it, while each tile of the output is still in cache:
 ``torch.ops.mkldnn._linear_pointwise``, the kernel inductor's CPU backend itself emits for linear + GELU.
-It is used only where it is exact and where it exists (:func:`cpu_inference`): float32 on the CPU, autograd and autocast off,
-not while ``torch.compile`` traces (inductor fuses on its own), and a PyTorch built with oneDNN.
-Everywhere else the plain form runs. ``tests/test_fused.py`` holds the two forms together.
+It runs only where it is exact and exists: float32 on the CPU with autograd and autocast off, not
+while ``torch.compile`` traces (inductor fuses on its own; :func:`cpu_inference`), in a PyTorch built
+with oneDNN. Everywhere else, training included, the plain form runs. ``tests/test_fused.py`` holds the
+two forms together.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from pixelflow.rope import apply_rope
 __all__ = ["fp32_region", "sinusoid", "modulate", "gated_residual", "ScalarEmbedder", "ClassEmbedder", "PatchEmbed",
            "Attention", "FeedForward", "AdaLNModulation", "TransformerBlock"]
 
+
 def fp32_region(device: torch.device):
     """Disable autocast so the enclosed conditioning maths runs in fp32 (no-op where autocast is off)."""
     if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type):
