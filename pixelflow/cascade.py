@@ -92,6 +92,7 @@ class CascadeSchedule:
         return [0, *inner, n - 1]
 
     @cached_property
+    @torch.inference_mode(False)  # cached tables stay usable by training after a sampling call
     def timestep_tables(self) -> torch.Tensor:
         """(K, N) float64: global T for stage k and within-stage index i."""
         n, b = self.num_train_timesteps, self.boundaries
@@ -151,12 +152,14 @@ class CascadeSchedule:
         return alpha, alpha * (1 - s) / math.sqrt(-self.gamma)
 
     @cached_property
+    @torch.inference_mode(False)
     def block_noise_covariance(self) -> torch.Tensor:
         """(4, 4) float32 covariance of one 2x2 block, with the published +1e-6 diagonal jitter."""
         cov = (1 - self.gamma) * torch.eye(4, dtype=torch.float64) + self.gamma * torch.ones(4, 4, dtype=torch.float64)
         return (cov + 1e-6 * torch.eye(4, dtype=torch.float64)).float()
 
     @cached_property
+    @torch.inference_mode(False)
     def block_noise_scale_tril(self) -> torch.Tensor:
         return torch.linalg.cholesky(self.block_noise_covariance)
 

@@ -31,6 +31,7 @@ def fp32_region(device: torch.device):
 
 
 @lru_cache(maxsize=8)
+@torch.inference_mode(False)  # a cached table must stay usable by autograd after a sampling call
 def _frequencies(half: int, max_period: float, device: torch.device) -> torch.Tensor:
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=device)
     return torch.exp(exponent / (half - 1))

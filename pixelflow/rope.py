@@ -14,6 +14,7 @@ __all__ = ["rope_2d", "rope_pairs", "apply_rope"]
 
 
 @lru_cache(maxsize=32)
+@torch.inference_mode(False)  # a cached table must stay usable by autograd after a sampling call
 def _rope_tables(grid: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     half = head_dim // 2
     inv_freq = 1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float64) / half)

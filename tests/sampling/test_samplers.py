@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from pixelflow.conditioning import ClassCondition
+from pixelflow.model import build_model
 from pixelflow.sampling.samplers import CascadeNoise, CascadeSampler, SamplerConfig, euler_grid, to_uint8
 
 
@@ -161,3 +162,24 @@ def test_the_old_import_path_is_the_same_sampler_and_warns():
     with pytest.warns(DeprecationWarning, match="pixelflow.sampling.samplers"):
         old = importlib.import_module("pixelflow.samplers")
     assert old.CascadeSampler is current.CascadeSampler and old.SamplerConfig is current.SamplerConfig
+
+
+def test_sampling_runs_in_inference_mode_and_training_still_works_after_it(tiny_model):
+    """The sampler runs under inference mode; tables it caches on the way must stay usable by autograd."""
+    from pixelflow import layers, rope
+    from pixelflow.cascade import CascadeSchedule
+
+    rope._rope_tables.cache_clear()
+    layers._frequencies.cache_clear()
+    schedule = CascadeSchedule(image_size=32, num_stages=4)  # fresh: its cached tables are built while sampling
+    images = run(tiny_model, schedule, torch.tensor([1, 2])).images
+    assert images.is_inference()
+    assert not schedule.timestep_tables.is_inference() and not schedule.block_noise_scale_tril.is_inference()
+    assert not any(t.is_inference() for t in rope.rope_2d(16, tiny_model.head_dim))
+
+    model = build_model("Test/2", num_classes=10)
+    model.load_state_dict(tiny_model.state_dict())
+    pair = schedule.training_pair(torch.rand(2, 3, 32, 32) * 2 - 1, 3, torch.tensor([3, 700]))
+    loss = (model(pair.x_t, pair.timestep, torch.tensor([1, 2])) - pair.target).square().mean()
+    loss.backward()
+    assert all(p.grad is not None for p in model.transformer_blocks.parameters())
