@@ -182,8 +182,11 @@ class TransformerBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
         text: torch.Tensor | None = None, text_bias: torch.Tensor | None = None, packing: Packing | None = None,
+        modulation: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(c, packing)
+        """``modulation``: this block's six adaLN vectors computed ahead from ``c`` (then ``c`` is not read)."""
+        modulation = self.norm1(c, packing) if modulation is None else modulation
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
         h = modulate(F.layer_norm(x.float(), x.shape[-1:], eps=1e-6), shift_msa, scale_msa)
         x = gated_residual(x, gate_msa, self.attn1(h.to(x.dtype), rope, packing=packing))
         if text is not None:

@@ -11,6 +11,7 @@ Named sizes live in :data:`PIXELFLOW_CONFIGS`; build one with :func:`build_model
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,24 @@ from pixelflow.layers import ClassEmbedder, PatchEmbed, ScalarEmbedder, Transfor
 from pixelflow.packing import Packing, per_token
 from pixelflow.rope import rope_pairs
 
-__all__ = ["PixelFlowTransformer", "PIXELFLOW_CONFIGS", "build_model"]
+__all__ = ["PixelFlowTransformer", "Modulation", "PIXELFLOW_CONFIGS", "build_model"]
+
+
+@dataclass(frozen=True)
+class Modulation:
+    """The adaLN vectors of one network call, computed ahead by :meth:`PixelFlowTransformer.modulations`:
+    six (rows, 1, D) per block (shift, scale, gate for attention, then for the MLP) and the head's shift and scale."""
+
+    blocks: tuple[tuple[torch.Tensor, ...], ...]
+    head: tuple[torch.Tensor, torch.Tensor]
+
+    @property
+    def rows(self) -> int:
+        return self.head[0].shape[0]
+
+    def last(self, rows: int) -> Modulation:
+        """The vectors of the last ``rows`` rows: the conditional half of [unconditional; conditional]."""
+        return Modulation(tuple(tuple(m[-rows:] for m in block) for block in self.blocks), tuple(m[-rows:] for m in self.head))
 
 
 class PixelFlowTransformer(nn.Module):
@@ -117,6 +135,43 @@ class PixelFlowTransformer(nn.Module):
             c = c + self.class_embedder(class_labels)
         return c + self.latent_size_embedder(r)
 
+    def modulations(
+        self, timesteps: torch.Tensor, grid: int, class_labels: torch.Tensor | None = None,
+        text_states: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+    ) -> list[Modulation]:
+        """The adaLN vectors of calls at each of ``timesteps`` (N,) on a token grid of side ``grid``, in one batched pass.
+
+        The rows are those of the condition arguments, as :meth:`forward` takes them (text enters through
+        cross-attention, not these vectors: only its row count is read). ``self(x, None, ..., modulation=out[n])``
+        equals ``self(x, timesteps[n], ...)`` to float rounding, so a sampler that knows a stage's time grid
+        computes its conditioning once per stage instead of at every step.
+        """
+        rows_of = class_labels if class_labels is not None else text_states
+        if rows_of is None:
+            raise ValueError("pass the condition arguments of the calls: class_labels, or text_states and text_mask")
+        rows = rows_of.shape[0]
+        self._check_conditioning(rows, class_labels, text_states, text_mask)
+        steps = timesteps.numel()
+        per_row = timesteps.reshape(steps, 1).expand(steps, rows).reshape(-1)
+        labels = None if class_labels is None else class_labels.repeat(steps)
+        c = self.condition(per_row, labels, grid, steps * rows, timesteps.device)
+        blocks = [block.norm1(c) for block in self.transformer_blocks]
+        head = self._head_modulation(c, None)
+
+        def step(n: int) -> Modulation:
+            at = slice(n * rows, (n + 1) * rows)
+            return Modulation(tuple(tuple(m[at] for m in block) for block in blocks), tuple(m[at] for m in head))
+
+        return [step(n) for n in range(steps)]
+
+    def _check_modulation(self, modulation: Modulation, timestep, batch: int) -> None:
+        if timestep is not None:
+            raise ValueError("pass timestep=None with a modulation: it was computed from the timestep already")
+        if modulation.rows != batch or len(modulation.blocks) != len(self.transformer_blocks):
+            raise ValueError(f"modulation is for {modulation.rows} rows and {len(modulation.blocks)} blocks, the call has "
+                             f"{batch} rows and {len(self.transformer_blocks)} blocks: compute it with this model's "
+                             "modulations() for these rows")
+
     def _check_conditioning(self, batch: int, class_labels, text_states, text_mask) -> None:
         if self.cross_attention_dim:
             if class_labels is not None or text_states is None or text_mask is None:
@@ -141,20 +196,29 @@ class PixelFlowTransformer(nn.Module):
         return_intermediates: bool = False,
         text_states: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
+        modulation: Modulation | None = None,
     ):
         """Velocity at ``timestep`` of a stage batch ``x``, or of several stage batches at once (a list; see
-        :meth:`forward_packed`, reached through here so that wrappers such as FSDP see the call)."""
+        :meth:`forward_packed`, reached through here so that wrappers such as FSDP see the call).
+
+        ``modulation`` (from :meth:`modulations`, for these rows and this stage) stands in for ``timestep``, which
+        is then None; the condition arguments are passed and checked as usual.
+        """
         if isinstance(x, (list, tuple)):
-            if return_intermediates:
-                raise ValueError("return_intermediates needs a single stage input, not a list of stages")
+            if return_intermediates or modulation is not None:
+                raise ValueError("return_intermediates and modulation need a single stage input, not a list of stages")
             return self.forward_packed(x, timestep, class_labels, text_states, text_mask)
         batch, grid = x.shape[0], self._grid(x)
         self._check_conditioning(batch, class_labels, text_states, text_mask)
-        c = self.condition(timestep, class_labels, grid, batch, x.device)
+        if modulation is None:
+            c = self.condition(timestep, class_labels, grid, batch, x.device)
+        else:
+            self._check_modulation(modulation, timestep, batch)
+            c = None
         tokens = self._patchify(x)
         rope = rope_pairs(grid, self.head_dim, self.rope_theta, x.device)
-        h, blocks = self._trunk(tokens, c, rope, text_states, _text_bias(text_mask), None, return_intermediates)
-        out = self._unpatchify(self._head(h, c, None), grid)
+        h, blocks = self._trunk(tokens, c, rope, text_states, _text_bias(text_mask), None, return_intermediates, modulation)
+        out = self._unpatchify(self._head(h, c, None, modulation), grid)
         if return_intermediates:
             return out, {"tokens_in": tokens, "cond": c, "blocks": blocks}
         return out
@@ -195,24 +259,30 @@ class PixelFlowTransformer(nn.Module):
     def _patchify(self, x: torch.Tensor) -> torch.Tensor:
         return self.patch_embed(x.float().to(self.patch_embed.proj.weight.dtype))
 
-    def _trunk(self, h: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], text_states, text_bias,
-               packing: Packing | None, keep: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _trunk(self, h: torch.Tensor, c: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor], text_states, text_bias,
+               packing: Packing | None, keep: bool = False,
+               modulation: Modulation | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The transformer blocks; with ``keep`` also every block's output."""
         outputs = []
-        for block in self.transformer_blocks:
+        for i, block in enumerate(self.transformer_blocks):
+            vectors = None if modulation is None else modulation.blocks[i]
             if self.gradient_checkpointing and self.training:
-                h = checkpoint(block, h, c, rope, text_states, text_bias, packing, use_reentrant=False)
+                h = checkpoint(block, h, c, rope, text_states, text_bias, packing, vectors, use_reentrant=False)
             else:
-                h = block(h, c, rope, text_states, text_bias, packing)
+                h = block(h, c, rope, text_states, text_bias, packing, vectors)
             if keep:
                 outputs.append(h)
         return h, outputs
 
-    def _head(self, h: torch.Tensor, c: torch.Tensor, packing: Packing | None) -> torch.Tensor:
-        """Final adaLN LayerNorm and projection to patch pixels."""
+    def _head_modulation(self, c: torch.Tensor, packing: Packing | None) -> tuple[torch.Tensor, torch.Tensor]:
         with fp32_region(c.device):
             modulation = self.proj_out_1(F.silu(c.float()))
-        shift, scale = per_token(modulation, packing).chunk(2, dim=-1)
+        return per_token(modulation, packing).chunk(2, dim=-1)
+
+    def _head(self, h: torch.Tensor, c: torch.Tensor | None, packing: Packing | None,
+              modulation: Modulation | None = None) -> torch.Tensor:
+        """Final adaLN LayerNorm and projection to patch pixels."""
+        shift, scale = self._head_modulation(c, packing) if modulation is None else modulation.head
         h32 = modulate(F.layer_norm(h.float(), h.shape[-1:], eps=1e-6), shift, scale)
         return self.proj_out_2(h32.to(h.dtype))
 

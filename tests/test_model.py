@@ -162,3 +162,33 @@ def test_gradient_checkpointing_gives_same_gradients(tiny_model):
 def test_constructor_validates_head_dim():
     with pytest.raises(ValueError, match="divisible by 4"):
         PixelFlowTransformer(num_attention_heads=2, attention_head_dim=6, depth=1, num_classes=2, patch_size=2)
+
+
+def test_modulations_computed_ahead_give_the_same_velocity(tiny_model, t2i_model):
+    timesteps = torch.tensor([30.0, 400.0, 999.0])
+    labels, x = torch.tensor([10, 10, 2, 7]), torch.randn(4, 3, 16, 16)  # [null, null; class rows]
+    with torch.no_grad():
+        ahead = tiny_model.modulations(timesteps, 8, class_labels=labels)
+        for t, modulation in zip(timesteps, ahead):
+            plain = tiny_model(x, t.expand(4), labels)
+            torch.testing.assert_close(tiny_model(x, None, labels, modulation=modulation), plain, rtol=0, atol=1e-6)
+            # The conditional half of a guided step's vectors serves a conditional-only call.
+            torch.testing.assert_close(tiny_model(x[2:], None, labels[2:], modulation=modulation.last(2)), plain[2:],
+                                       rtol=0, atol=1e-6)
+        text, mask = torch.randn(2, 12, 24), torch.ones(2, 12)
+        (modulation,) = t2i_model.modulations(timesteps[1:2], 8, text_states=text, text_mask=mask)
+        torch.testing.assert_close(t2i_model(x[:2], None, text_states=text, text_mask=mask, modulation=modulation),
+                                   t2i_model(x[:2], timesteps[1:2], text_states=text, text_mask=mask), rtol=0, atol=1e-6)
+
+
+def test_modulation_misuse_is_a_clear_error(tiny_model):
+    labels, x = torch.tensor([1, 2]), torch.randn(2, 3, 16, 16)
+    (modulation,) = tiny_model.modulations(torch.tensor([500.0]), 8, class_labels=labels)
+    with pytest.raises(ValueError, match="timestep=None"):
+        tiny_model(x, torch.tensor([500.0]), labels, modulation=modulation)
+    with pytest.raises(ValueError, match="modulation is for 2 rows"):
+        tiny_model(torch.randn(3, 3, 16, 16), None, torch.tensor([1, 2, 3]), modulation=modulation)
+    with pytest.raises(ValueError, match="condition arguments"):
+        tiny_model.modulations(torch.tensor([500.0]), 8)
+    with pytest.raises(ValueError, match="single stage input"):
+        tiny_model([x], None, labels, modulation=modulation)

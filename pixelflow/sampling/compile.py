@@ -30,14 +30,16 @@ ExampleInputs = Callable[[int, int, torch.device], tuple[tuple[Any, ...], dict[s
 
 
 def class_inputs(model: torch.nn.Module) -> ExampleInputs:
-    """A class-to-image network's call ``model(x, timestep, class_labels)``, laid out as the samplers pass it."""
+    """A class-to-image network's call ``model(x, None, class_labels=, modulation=)``, laid out as the samplers pass it."""
     if getattr(model, "cross_attention_dim", None):
         raise ValueError("compile=true warms class-to-image shapes only; this is a text-to-image checkpoint: "
                          "sample it with compile=false")
     def inputs(rows: int, side: int, device: torch.device) -> tuple[tuple[Any, ...], dict[str, Any]]:
         x = torch.zeros(rows, model.in_channels, side, side, device=device)
-        timestep = torch.full((1,), 500.0, device=device).expand(rows)  # samplers expand one timestep (stride 0)
-        return (x, timestep, torch.zeros(rows, dtype=torch.long, device=device)), {}
+        labels = torch.zeros(rows, dtype=torch.long, device=device)
+        # Samplers pass the adaLN vectors computed ahead for the stage in place of the timestep.
+        modulation = model.modulations(torch.full((1,), 500.0, device=device), side // model.patch_size, labels)[0]
+        return (x, None), {"class_labels": labels, "modulation": modulation}
 
     return inputs
 
@@ -77,7 +79,7 @@ def compile_for_sampling(model: torch.nn.Module, shapes: Iterable[tuple[int, int
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, len(shapes) + room)
     compiled = torch.compile(model, dynamic=False, mode=mode)
     start = time.perf_counter()
-    with torch.no_grad(), sampling_precision(precision, device):
+    with torch.no_grad(), sampling_precision(precision, device):  # as the samplers run a compiled network
         for rows, side in shapes:
             args, kwargs = inputs(rows, side, device)
             compiled(*args, **kwargs)

@@ -17,6 +17,7 @@ from torchdiffeq import odeint
 
 from pixelflow.cascade import CascadeSchedule
 from pixelflow.conditioning import Conditioning, as_conditioning
+from pixelflow.model import Modulation
 from pixelflow.sampling.integrators import STEPPERS
 
 __all__ = ["SamplerConfig", "CascadeNoise", "CascadeSampler", "euler_grid", "to_uint8"]
@@ -148,15 +149,35 @@ class CascadeSampler:
         lo, hi = self.config.guidance_interval
         return stage_weight if lo <= timestep / (self.schedule.num_train_timesteps - 1) <= hi else 1.0
 
-    def velocity(self, x: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, weight: float) -> torch.Tensor:
-        """v_u + w (v_c - v_u) from one batched forward over [uncond; cond] rows; w == 1 runs v_c alone."""
+    def velocity(self, x: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, weight: float,
+                 modulation: Modulation | None = None) -> torch.Tensor:
+        """v_u + w (v_c - v_u) from one batched forward over [uncond; cond] rows; w == 1 runs v_c alone.
+
+        ``modulation``: the network's adaLN vectors for this call's rows, computed ahead (it then stands in for
+        ``timestep``; see :meth:`PixelFlowTransformer.modulations`).
+        """
         batch = x.shape[0]
+        rows = batch if weight == 1.0 else 2 * batch
+        timestep = None if modulation is not None else timestep.expand(rows)
+        self.forward_rows += rows
         if weight == 1.0:
-            self.forward_rows += batch
-            return self.model(x, timestep.expand(batch), **cond.cond_kwargs())
-        self.forward_rows += 2 * batch
-        v_uncond, v_cond = self.model(torch.cat([x, x]), timestep.expand(2 * batch), **cond.both_kwargs()).chunk(2)
+            return self.model(x, timestep, **cond.cond_kwargs(), modulation=modulation)
+        v_uncond, v_cond = self.model(torch.cat([x, x]), timestep, **cond.both_kwargs(), modulation=modulation).chunk(2)
         return torch.add(v_uncond, v_cond - v_uncond, alpha=weight)
+
+    def _modulations(self, stage: int, timesteps: torch.Tensor, cond: Conditioning, guided: bool) -> list[Modulation]:
+        """adaLN vectors at ``timesteps`` for the rows of a guided ([uncond; cond]) or a conditional-only call."""
+        kwargs = cond.both_kwargs() if guided else cond.cond_kwargs()
+        return self.model.modulations(timesteps, self.schedule.stage_sides[stage] // self.model.patch_size, **kwargs)
+
+    def _stage_modulations(self, stage: int, timesteps: torch.Tensor, cond: Conditioning,
+                           weights: list[float]) -> list[Modulation]:
+        """The network's adaLN vectors for every step of a fixed-grid stage, in one batched pass."""
+        guided = [w != 1.0 for w in weights]
+        prepared = self._modulations(stage, timesteps, cond, guided=any(guided))
+        if not any(guided) or all(guided):
+            return prepared
+        return [m if g else m.last(cond.batch) for m, g in zip(prepared, guided)]
 
     # ---- per-stage integrators ------------------------------------------------------
     def stage_grid(self, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,12 +201,13 @@ class CascadeSampler:
         dts = (t32[1:] - t32[:-1]).tolist()
         weights = [self._weight_at(weight, T) for T in timesteps.tolist()]
         timesteps = timesteps.to(x.device)
+        modulations = self._stage_modulations(stage, timesteps, cond, weights)
         calls = 0
 
         def velocity(y: torch.Tensor, n: int) -> torch.Tensor:
             nonlocal calls
             calls += 1
-            return self.velocity(y, timesteps[n], cond, weights[n])
+            return self.velocity(y, timesteps[n], cond, weights[n], modulations[n])
 
         report = None if on_step is None else (lambda done, total: on_step(stage, done, total))
         x = STEPPERS[self.config.method](x, velocity, dts, report)
@@ -203,7 +225,8 @@ class CascadeSampler:
             nfe += 1
             timestep = (t0 + t * (t_last - t0)).float().reshape(1)
             w = self._weight_at(weight, float(timestep)) if interval else weight
-            v = self.velocity(y[:batch], timestep, cond, w)
+            modulation = self._modulations(stage, timestep, cond, guided=w != 1.0)[0]  # the call form compile warms
+            v = self.velocity(y[:batch], timestep, cond, w, modulation)
             return torch.cat([v, v])
 
         grid = torch.tensor([0.0, 1.0], device=state.device)
@@ -213,7 +236,6 @@ class CascadeSampler:
         return out, nfe
 
     # ---- the cascade ----------------------------------------------------------------
-    @torch.inference_mode()  # lighter than no_grad per operator: no view or version tracking
     def sample(
         self,
         condition: Conditioning | torch.Tensor,
@@ -224,6 +246,13 @@ class CascadeSampler:
     ) -> SampleOutput:
         """Generate B images for ``condition``: class labels (B,) or a :class:`Conditioning` (e.g. a
         :class:`~pixelflow.text.TextCondition`); draws come from ``noise`` or ``generator``."""
+        # Inference mode is lighter per operator than no_grad (no view or version tracking), but a compiled
+        # network's graphs guard on the dispatch keys it changes: those sample under no_grad, as compile warms them.
+        compiled = isinstance(getattr(self.model, "_orig_mod", None), torch.nn.Module)
+        with torch.no_grad() if compiled else torch.inference_mode():
+            return self._sample(condition, generator, noise, on_stage_end, on_step)
+
+    def _sample(self, condition, generator, noise, on_stage_end, on_step) -> SampleOutput:
         device = next(self.model.parameters()).device
         cond = as_conditioning(self.model, condition.to(device))
         doubled = self.config.method == "dopri5"
