@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pixelflow.layers import ClassEmbedder, PatchEmbed, ScalarEmbedder, TransformerBlock, fp32_region, modulate
+from pixelflow.layers import ClassEmbedder, PatchEmbed, ScalarEmbedder, TransformerBlock, fp32_region, modulate, plain_layer_norm
 from pixelflow.packing import Packing, per_token
 from pixelflow.rope import rope_pairs
 
@@ -28,7 +28,7 @@ __all__ = ["PixelFlowTransformer", "Modulation", "PIXELFLOW_CONFIGS", "build_mod
 @dataclass(frozen=True)
 class Modulation:
     """The adaLN vectors of one network call, computed ahead by :meth:`PixelFlowTransformer.modulations`:
-    six (rows, 1, D) per block (shift, scale, gate for attention, then for the MLP) and the head's shift and scale."""
+    each block's six :meth:`~pixelflow.layers.TransformerBlock.factors` (rows, 1, D) and the head's shift and 1 + scale."""
 
     blocks: tuple[tuple[torch.Tensor, ...], ...]
     head: tuple[torch.Tensor, torch.Tensor]
@@ -155,7 +155,7 @@ class PixelFlowTransformer(nn.Module):
         per_row = timesteps.reshape(steps, 1).expand(steps, rows).reshape(-1)
         labels = None if class_labels is None else class_labels.repeat(steps)
         c = self.condition(per_row, labels, grid, steps * rows, timesteps.device)
-        blocks = [block.norm1(c) for block in self.transformer_blocks]
+        blocks = [block.factors(c) for block in self.transformer_blocks]
         head = self._head_modulation(c, None)
 
         def step(n: int) -> Modulation:
@@ -277,13 +277,14 @@ class PixelFlowTransformer(nn.Module):
     def _head_modulation(self, c: torch.Tensor, packing: Packing | None) -> tuple[torch.Tensor, torch.Tensor]:
         with fp32_region(c.device):
             modulation = self.proj_out_1(F.silu(c.float()))
-        return per_token(modulation, packing).chunk(2, dim=-1)
+        shift, scale = per_token(modulation, packing).chunk(2, dim=-1)
+        return shift, 1 + scale
 
     def _head(self, h: torch.Tensor, c: torch.Tensor | None, packing: Packing | None,
               modulation: Modulation | None = None) -> torch.Tensor:
         """Final adaLN LayerNorm and projection to patch pixels."""
-        shift, scale = self._head_modulation(c, packing) if modulation is None else modulation.head
-        h32 = modulate(F.layer_norm(h.float(), h.shape[-1:], eps=1e-6), shift, scale)
+        shift, factor = self._head_modulation(c, packing) if modulation is None else modulation.head
+        h32 = modulate(plain_layer_norm(h), shift, factor)
         return self.proj_out_2(h32.to(h.dtype))
 
     def _unpatchify(self, out: torch.Tensor, grid: int) -> torch.Tensor:

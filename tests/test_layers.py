@@ -1,8 +1,9 @@
 """The layers' small formulas (sinusoid, adaLN modulation, gated residual) and the CPU inference patch projection."""
 
 import torch
+import torch.nn.functional as F
 
-from pixelflow.layers import PatchEmbed, fp32_region, gated_residual, modulate, sinusoid
+from pixelflow.layers import PatchEmbed, fp32_region, gated_residual, modulate, plain_layer_norm, sinusoid
 
 
 def test_sinusoid_is_cosine_first_with_divisor_127():
@@ -16,7 +17,7 @@ def test_sinusoid_is_cosine_first_with_divisor_127():
 def test_modulate_and_gated_residual_are_their_formulas():
     torch.manual_seed(0)
     x, shift, scale, gate = torch.randn(2, 5, 8), torch.randn(2, 1, 8), torch.randn(2, 1, 8), torch.randn(2, 1, 8)
-    torch.testing.assert_close(modulate(x, shift, scale), x * (1 + scale) + shift)
+    torch.testing.assert_close(modulate(x, shift, 1 + scale), x * (1 + scale) + shift)
     torch.testing.assert_close(gated_residual(x, gate, x), x + gate * x)
     # autocast: a bf16 branch output meets an fp32 gate; the residual keeps the stream's dtype
     stream = x.bfloat16()
@@ -48,3 +49,11 @@ def test_patch_embed_inference_matmul_equals_the_convolution(monkeypatch):
         out = embed(x)
     assert out.shape == (2, 12, 24)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_plain_layer_norm_is_layer_norm_without_parameters():
+    x = torch.randn(3, 7, 16) * 3 + 1
+    out = plain_layer_norm(x.bfloat16())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(plain_layer_norm(x), F.layer_norm(x, (16,), eps=1e-6), rtol=0, atol=0)
+    torch.testing.assert_close(out, F.layer_norm(x.bfloat16().float(), (16,), eps=1e-6), rtol=0, atol=0)
