@@ -245,14 +245,21 @@ class CascadeSampler:
         on_step: Callable[[int, int, int], None] | None = None,
     ) -> SampleOutput:
         """Generate B images for ``condition``: class labels (B,) or a :class:`Conditioning` (e.g. a
-        :class:`~pixelflow.text.TextCondition`); draws come from ``noise`` or ``generator``."""
+        :class:`~pixelflow.text.TextCondition`); draws come from ``noise`` or ``generator``.
+
+        The returned tensors are inference tensors (for an eager network): ``clone()`` one before modifying it
+        in place or using it in autograd.
+        """
         # Inference mode is lighter per operator than no_grad (no view or version tracking), but a compiled
         # network's graphs guard on the dispatch keys it changes: those sample under no_grad, as compile warms them.
         compiled = isinstance(getattr(self.model, "_orig_mod", None), torch.nn.Module)
         with torch.no_grad() if compiled else torch.inference_mode():
             return self._sample(condition, generator, noise, on_stage_end, on_step)
 
-    def _sample(self, condition, generator, noise, on_stage_end, on_step) -> SampleOutput:
+    def _sample(
+        self, condition: Conditioning | torch.Tensor, generator: torch.Generator | None, noise: CascadeNoise | None,
+        on_stage_end: Callable[[int, torch.Tensor], None] | None, on_step: Callable[[int, int, int], None] | None,
+    ) -> SampleOutput:
         device = next(self.model.parameters()).device
         cond = as_conditioning(self.model, condition.to(device))
         doubled = self.config.method == "dopri5"
