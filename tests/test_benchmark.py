@@ -112,6 +112,9 @@ def test_gpu_check_dry_run_writes_one_json_report(tmp_path):
     assert text["model"] == "T2I-Test/2" and 0 < text["batch_1"]["estimated_peak_gib"] < text["batch_2"]["estimated_peak_gib"]
     train = result["training_imagenet256_xl4_24gb"]["train"]
     assert train["images_per_s"] > 0 and train["peak_memory_bytes"] > 0
+    compiled = result["compiled_sampling"]
+    assert compiled["model"] == "Test/2" and compiled["compile_seconds"] > 0 and compiled["speedup"] > 0
+    assert compiled["eager"]["sampling"]["compile"] is False and compiled["compiled"]["sampling"]["compile"] is True
 
 
 @pytest.mark.slow
