@@ -37,9 +37,13 @@ class Modulation:
     def rows(self) -> int:
         return self.head[0].shape[0]
 
+    def select(self, rows: slice) -> Modulation:
+        """The vectors of these rows (views)."""
+        return Modulation(tuple(tuple(m[rows] for m in block) for block in self.blocks), tuple(m[rows] for m in self.head))
+
     def last(self, rows: int) -> Modulation:
         """The vectors of the last ``rows`` rows: the conditional half of [unconditional; conditional]."""
-        return Modulation(tuple(tuple(m[-rows:] for m in block) for block in self.blocks), tuple(m[-rows:] for m in self.head))
+        return self.select(slice(-rows, None))
 
 
 class PixelFlowTransformer(nn.Module):
@@ -155,14 +159,8 @@ class PixelFlowTransformer(nn.Module):
         per_row = timesteps.reshape(steps, 1).expand(steps, rows).reshape(-1)
         labels = None if class_labels is None else class_labels.repeat(steps)
         c = self.condition(per_row, labels, grid, steps * rows, timesteps.device)
-        blocks = [block.factors(c) for block in self.transformer_blocks]
-        head = self._head_modulation(c, None)
-
-        def step(n: int) -> Modulation:
-            at = slice(n * rows, (n + 1) * rows)
-            return Modulation(tuple(tuple(m[at] for m in block) for block in blocks), tuple(m[at] for m in head))
-
-        return [step(n) for n in range(steps)]
+        every_step = Modulation(tuple(block.factors(c) for block in self.transformer_blocks), self._head_modulation(c, None))
+        return [every_step.select(slice(n * rows, (n + 1) * rows)) for n in range(steps)]
 
     def _check_modulation(self, modulation: Modulation, timestep, batch: int) -> None:
         if timestep is not None:
