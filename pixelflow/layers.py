@@ -17,6 +17,7 @@ from torch import nn
 
 from pixelflow.fused import cpu_inference, linear_gelu_tanh
 from pixelflow.packing import Packing, per_token
+from pixelflow.precision import as_dtype
 from pixelflow.rope import apply_rope
 
 __all__ = ["fp32_region", "sinusoid", "plain_layer_norm", "modulate", "gated_residual", "ScalarEmbedder", "ClassEmbedder", "PatchEmbed",
@@ -55,7 +56,7 @@ def plain_layer_norm(x: torch.Tensor) -> torch.Tensor:
     On the CPU it passes a weight of ones (exact: x * 1): ATen's CPU kernel with a weight runs in about 60%
     of the time of the one without, on this model's shapes.
     """
-    x = x.float()
+    x = as_dtype(x, torch.float32)
     weight = _ones(x.shape[-1], x.device) if x.device.type == "cpu" else None
     return F.layer_norm(x, x.shape[-1:], weight, eps=1e-6)
 
@@ -114,7 +115,7 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with a whole-width RMS QK-norm and 2D RoPE.
+    """Multi-head attention with a whole-width RMS QK-norm and 2D RoPE (``rope``: :func:`~pixelflow.rope.rope_pairs`).
 
     Self-attention (``context=None``) rotates queries and keys; cross-attention to ``context``
     (B, L, ``context_dim``) rotates the queries only (keys are text positions) and adds
@@ -133,15 +134,15 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(inner, eps=1e-6)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, ...],
         context: torch.Tensor | None = None, context_bias: torch.Tensor | None = None, packing: Packing | None = None,
     ) -> torch.Tensor:
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-        kv = x if context is None else context.to(x.dtype)
-        q = heads(self.q_norm(self.q_proj(x).float()).to(x.dtype))
-        k = heads(self.k_norm(self.k_proj(kv).float()).to(x.dtype))
+        kv = x if context is None else as_dtype(context, x.dtype)
+        q = heads(as_dtype(self.q_norm(as_dtype(self.q_proj(x), torch.float32)), x.dtype))
+        k = heads(as_dtype(self.k_norm(as_dtype(self.k_proj(kv), torch.float32)), x.dtype))
         v = heads(self.v_proj(kv))
         q = apply_rope(q, *rope)
         if context is None:
@@ -203,7 +204,7 @@ class TransformerBlock(nn.Module):
         return shift_msa, 1 + scale_msa, gate_msa, shift_mlp, (1 + scale_mlp) * self.norm3.weight.float(), gate_mlp
 
     def forward(
-        self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+        self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, ...],
         text: torch.Tensor | None = None, text_bias: torch.Tensor | None = None, packing: Packing | None = None,
         modulation: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
@@ -211,8 +212,8 @@ class TransformerBlock(nn.Module):
         modulation = self.factors(c, packing) if modulation is None else modulation
         shift_msa, factor_msa, gate_msa, shift_mlp, factor_mlp, gate_mlp = modulation
         h = modulate(plain_layer_norm(x), shift_msa, factor_msa)
-        x = gated_residual(x, gate_msa, self.attn1(h.to(x.dtype), rope, packing=packing))
+        x = gated_residual(x, gate_msa, self.attn1(as_dtype(h, x.dtype), rope, packing=packing))
         if text is not None:
             x = x + self.attn2(self.norm2(x.float()).to(x.dtype), rope, text, text_bias, packing)
-        h = modulate(F.rms_norm(x.float(), x.shape[-1:], eps=self.norm3.eps), shift_mlp, factor_mlp)
-        return gated_residual(x, gate_mlp, self.mlp(h.to(x.dtype)))
+        h = modulate(F.rms_norm(as_dtype(x, torch.float32), x.shape[-1:], eps=self.norm3.eps), shift_mlp, factor_mlp)
+        return gated_residual(x, gate_mlp, self.mlp(as_dtype(h, x.dtype)))

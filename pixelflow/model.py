@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pixelflow.layers import ClassEmbedder, PatchEmbed, ScalarEmbedder, TransformerBlock, fp32_region, modulate, plain_layer_norm
 from pixelflow.packing import Packing, per_token
+from pixelflow.precision import as_dtype
 from pixelflow.rope import rope_pairs
 
 __all__ = ["PixelFlowTransformer", "Modulation", "PIXELFLOW_CONFIGS", "build_model"]
@@ -242,7 +243,7 @@ class PixelFlowTransformer(nn.Module):
         packing = Packing.of(tuple(batches), tuple(g * g for g in grids), device)
         tokens = torch.cat([self._patchify(x).flatten(0, 1) for x in xs])[None]
         tables = [rope_pairs(g, self.head_dim, self.rope_theta, device) for g in grids]
-        rope = tuple(torch.cat([t[i].repeat(b, 1) for t, b in zip(tables, batches)]) for i in range(2))
+        rope = tuple(torch.cat([table.repeat(b, 1) for table, b in zip(per_stage, batches)]) for per_stage in zip(*tables))
         h, _ = self._trunk(tokens, c, rope, text_states, _text_bias(text_mask), packing)
         out = self._head(h, c, packing)[0].split([b * g * g for b, g in zip(batches, grids)])
         return [self._unpatchify(o.unflatten(0, (b, g * g)), g) for o, b, g in zip(out, batches, grids)]
@@ -255,9 +256,9 @@ class PixelFlowTransformer(nn.Module):
         return height // p
 
     def _patchify(self, x: torch.Tensor) -> torch.Tensor:
-        return self.patch_embed(x.float().to(self.patch_embed.proj.weight.dtype))
+        return self.patch_embed(as_dtype(x, self.patch_embed.proj.weight.dtype))
 
-    def _trunk(self, h: torch.Tensor, c: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor], text_states, text_bias,
+    def _trunk(self, h: torch.Tensor, c: torch.Tensor | None, rope: tuple[torch.Tensor, ...], text_states, text_bias,
                packing: Packing | None, keep: bool = False,
                modulation: Modulation | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The transformer blocks; with ``keep`` also every block's output."""
@@ -283,7 +284,7 @@ class PixelFlowTransformer(nn.Module):
         """Final adaLN LayerNorm and projection to patch pixels."""
         shift, factor = self._head_modulation(c, packing) if modulation is None else modulation.head
         h32 = modulate(plain_layer_norm(h), shift, factor)
-        return self.proj_out_2(h32.to(h.dtype))
+        return self.proj_out_2(as_dtype(h32, h.dtype))
 
     def _unpatchify(self, out: torch.Tensor, grid: int) -> torch.Tensor:
         """(B, r*r, p*p*C) with features ordered (row-in-patch, col-in-patch, channel) -> (B, C, r*p, r*p)."""

@@ -10,6 +10,8 @@ from functools import lru_cache
 
 import torch
 
+from pixelflow.precision import as_dtype
+
 __all__ = ["rope_2d", "rope_pairs", "apply_rope"]
 
 
@@ -30,23 +32,34 @@ def rope_2d(grid: int, head_dim: int, theta: float = 10000.0, device: torch.devi
     return _rope_tables(grid, head_dim, theta, torch.device(device))
 
 
+@lru_cache(maxsize=32)
+@torch.inference_mode(False)
+def _pair_tables(grid: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, ...]:
+    cos, sin = _rope_tables(grid, head_dim, theta, device)
+    cos, sin = cos[:, ::2], sin[:, ::2]
+    return cos, sin, torch.complex(cos, sin)
+
+
 def rope_pairs(grid: int, head_dim: int, theta: float = 10000.0, device: torch.device | str = "cpu"):
-    """:func:`rope_2d` once per pair of channels: (cos, sin) of shape (grid*grid, head_dim / 2)."""
-    cos, sin = _rope_tables(grid, head_dim, theta, torch.device(device))
-    return cos[:, ::2], sin[:, ::2]
+    """:func:`rope_2d` once per pair of channels: (cos, sin, cos + i sin), each (grid*grid, head_dim / 2).
+
+    The complex table is what the eager rotation multiplies by, built once here rather than in every layer.
+    """
+    return _pair_tables(grid, head_dim, theta, torch.device(device))
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotation: torch.Tensor | None = None) -> torch.Tensor:
     """Rotate interleaved pairs (a, b) -> (a cos - b sin, b cos + a sin); x is (B, H, S, D), cos/sin (S, D / 2).
 
-    Eager: one complex product (the same formula to float rounding, 3-10x faster on CPU than the
-    real-valued form). Under torch.compile: the real-valued form, which inductor fuses (it does not
-    generate code for complex operators).
+    Eager: one complex product by ``rotation`` = cos + i sin (formed here when not given; the same formula to
+    float rounding, 3-10x faster on CPU than the real-valued form). Under torch.compile: the real-valued form,
+    which inductor fuses (it does not generate code for complex operators).
     """
-    pairs = x.float().unflatten(-1, (-1, 2))
+    pairs = as_dtype(x, torch.float32).unflatten(-1, (-1, 2))
     if torch.compiler.is_compiling():
         a, b = pairs.unbind(-1)
         return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).to(x.dtype)
     if pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]):
         pairs = pairs.clone(memory_format=torch.contiguous_format)  # view_as_complex needs aligned (a, b) pairs
-    return torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
+    rotation = torch.complex(cos, sin) if rotation is None else rotation
+    return as_dtype(torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2), x.dtype)

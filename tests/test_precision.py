@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pixelflow.precision import resolve_precision, sampling_precision
+from pixelflow.precision import as_dtype, resolve_precision, sampling_precision
 from pixelflow.sampling.samplers import CascadeNoise, CascadeSampler, SamplerConfig
 
 
@@ -9,6 +9,13 @@ def test_auto_is_bf16_on_cuda_and_fp32_elsewhere():
     assert resolve_precision("auto", "cuda") == "bf16"
     assert resolve_precision("auto", "cpu") == "fp32"
     assert resolve_precision("bf16", "cpu") == "bf16"
+
+
+def test_as_dtype_returns_the_tensor_itself_when_it_has_the_dtype_and_a_cast_otherwise():
+    x = torch.randn(3)
+    assert as_dtype(x, torch.float32) is x
+    half = as_dtype(x, torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and torch.equal(half, x.to(torch.bfloat16))
 
 
 def test_bad_precision_names_the_choices():

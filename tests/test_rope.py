@@ -25,3 +25,11 @@ def test_complex_rope_is_the_real_formula_to_float_rounding_on_any_layout():
     assert (apply_rope(x, *half) - real).abs().max() <= 4 * torch.finfo(torch.float32).eps * x.abs().max()
     odd = torch.randn(1, 2 * 16 * 8 + 1)[:, 1:].view(1, 2, 16, 8)  # pairs not aligned in memory
     assert torch.allclose(apply_rope(odd, *half), apply_rope(odd.clone(), *half), atol=0)
+
+
+def test_the_cached_complex_table_is_cos_plus_i_sin_and_rotates_as_the_pair_tables():
+    cos, sin, rotation = rope_pairs(grid=4, head_dim=8)
+    assert torch.equal(rotation.real, cos) and torch.equal(rotation.imag, sin)
+    assert rope_pairs(grid=4, head_dim=8)[2] is rotation  # built once, not per layer call
+    x = torch.randn(3, 2, 16, 8)
+    assert torch.equal(apply_rope(x, cos, sin, rotation), apply_rope(x, cos, sin))

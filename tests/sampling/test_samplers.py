@@ -171,12 +171,13 @@ def test_sampling_runs_in_inference_mode_and_training_still_works_after_it(tiny_
     from pixelflow.cascade import CascadeSchedule
 
     rope._rope_tables.cache_clear()
+    rope._pair_tables.cache_clear()
     layers._frequencies.cache_clear()
     schedule = CascadeSchedule(image_size=32, num_stages=4)  # fresh: its cached tables are built while sampling
     images = run(tiny_model, schedule, torch.tensor([1, 2])).images
     assert images.is_inference()
     assert not schedule.timestep_tables.is_inference() and not schedule.block_noise_scale_tril.is_inference()
-    assert not any(t.is_inference() for t in rope.rope_2d(16, tiny_model.head_dim))
+    assert not any(t.is_inference() for t in (*rope.rope_2d(16, tiny_model.head_dim), *rope.rope_pairs(16, tiny_model.head_dim)))
 
     model = build_model("Test/2", num_classes=10)
     model.load_state_dict(tiny_model.state_dict())
