@@ -15,8 +15,10 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
-__all__ = ["SETTINGS", "MEASURES", "result_rows", "write_tables", "plot_results", "write_report"]
+__all__ = ["SETTINGS", "MEASURES", "result_rows", "write_tables", "metric_figure", "plot_results", "write_report"]
 
 SETTINGS = ("method", "steps", "cfg", "shift", "guidance_interval", "num_samples")
 MEASURES = ("model_calls_per_image", "seconds_per_image")
@@ -52,10 +54,11 @@ def write_tables(out_dir: Path, results: list[dict[str, Any]]) -> tuple[Path, Pa
     return out_dir / "results.csv", out_dir / "results.md"
 
 
-def _plot(rows: list[dict[str, Any]], metric: str, x: str, along: str, first: str, xlabel: str, path: Path) -> Path | None:
+def metric_figure(rows: list[dict[str, Any]], metric: str, x: str, along: str, first: str, xlabel: str) -> Figure | None:
     """``metric`` against ``x``; one line per value of the settings other than ``along`` that vary (``first`` leads).
 
-    None (no file) where no cell has the metric."""
+    An ``x`` spanning a decade or more gets a log axis ticked at 1, 2 and 5 times powers of ten, in plain numbers.
+    None where no cell has the metric."""
     varying = [k for k in SETTINGS if k != along and len({_text(r[k]) for r in rows}) > 1]
     keys = [first, *[k for k in varying if k != first]]
     lines: dict[str, list[tuple[float, float]]] = {}
@@ -71,11 +74,22 @@ def _plot(rows: list[dict[str, Any]], metric: str, x: str, along: str, first: st
     values = [float(r[x]) for r in rows]
     if min(values) > 0 and max(values) >= 10 * min(values):
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def _plot(rows: list[dict[str, Any]], metric: str, x: str, along: str, first: str, xlabel: str, path: Path) -> Path | None:
+    """:func:`metric_figure` saved to ``path``; None (no file) where no cell has the metric."""
+    fig = metric_figure(rows, metric, x, along, first, xlabel)
+    if fig is None:
+        return None
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
