@@ -10,7 +10,7 @@ determines the images and golden checks can inject the published draws.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torchdiffeq import odeint
@@ -247,14 +247,19 @@ class CascadeSampler:
         """Generate B images for ``condition``: class labels (B,) or a :class:`Conditioning` (e.g. a
         :class:`~pixelflow.text.TextCondition`); draws come from ``noise`` or ``generator``.
 
-        The returned tensors are inference tensors (for an eager network): ``clone()`` one before modifying it
-        in place or using it in autograd.
+        Sampling runs under ``torch.inference_mode()`` (``on_stage_end`` sees inference tensors); the returned
+        images and stage finals are plain tensors, free to modify in place.
         """
         # Inference mode is lighter per operator than no_grad (no view or version tracking), but a compiled
         # network's graphs guard on the dispatch keys it changes: those sample under no_grad, as compile warms them.
-        compiled = isinstance(getattr(self.model, "_orig_mod", None), torch.nn.Module)
-        with torch.no_grad() if compiled else torch.inference_mode():
-            return self._sample(condition, generator, noise, on_stage_end, on_step)
+        if isinstance(getattr(self.model, "_orig_mod", None), torch.nn.Module):
+            with torch.no_grad():
+                return self._sample(condition, generator, noise, on_stage_end, on_step)
+        with torch.inference_mode():
+            out = self._sample(condition, generator, noise, on_stage_end, on_step)
+        # Outside inference mode an inference tensor cannot change in place or enter autograd: hand back copies.
+        finals = [x.clone() for x in out.stage_finals]
+        return replace(out, images=finals[-1], stage_finals=finals)
 
     def _sample(
         self, condition: Conditioning | torch.Tensor, generator: torch.Generator | None, noise: CascadeNoise | None,

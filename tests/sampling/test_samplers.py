@@ -166,7 +166,8 @@ def test_the_old_import_path_is_the_same_sampler_and_warns():
 
 
 def test_sampling_runs_in_inference_mode_and_training_still_works_after_it(tiny_model):
-    """The sampler runs under inference mode; tables it caches on the way must stay usable by autograd."""
+    """The sampler runs under inference mode, hands back plain tensors, and the tables it caches on the way stay
+    usable by autograd."""
     from pixelflow import layers, rope
     from pixelflow.cascade import CascadeSchedule
 
@@ -174,8 +175,14 @@ def test_sampling_runs_in_inference_mode_and_training_still_works_after_it(tiny_
     rope._pair_tables.cache_clear()
     layers._frequencies.cache_clear()
     schedule = CascadeSchedule(image_size=32, num_stages=4)  # fresh: its cached tables are built while sampling
-    images = run(tiny_model, schedule, torch.tensor([1, 2])).images
-    assert images.is_inference()
+    seen = []
+    sampler = CascadeSampler(tiny_model, schedule, SamplerConfig(steps=2, cfg=3.0))
+    out = sampler.sample(torch.tensor([1, 2]), generator=torch.Generator().manual_seed(0),
+                         on_stage_end=lambda stage, x: seen.append(torch.is_inference_mode_enabled() and x.is_inference()))
+    assert seen == [True] * 4
+    assert not out.images.is_inference() and not any(x.is_inference() for x in out.stage_finals)
+    assert out.images is out.stage_finals[-1]
+    out.images.add_(1)  # the caller's to modify
     assert not schedule.timestep_tables.is_inference() and not schedule.block_noise_scale_tril.is_inference()
     assert not any(t.is_inference() for t in (*rope.rope_2d(16, tiny_model.head_dim), *rope.rope_pairs(16, tiny_model.head_dim)))
 
