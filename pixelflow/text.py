@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,13 +77,16 @@ class TextEncoder:
 
     ``model`` is a ``transformers`` encoder (e.g. ``T5EncoderModel``), ``tokenizer`` its tokenizer.
     Prompts are padded to ``max_length`` with truncation and the mask is passed to the encoder.
+    ``spec`` says how to build it again (:func:`load_t5`'s ``source`` and ``max_length``, or ``tiny_random_t5``
+    and its arguments); training checkpoints record it, so a model samples from its ``.ckpt`` with its encoder.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, max_length: int = T5_MAX_LENGTH, cache_size: int = 256):
+    def __init__(self, model: nn.Module, tokenizer, max_length: int = T5_MAX_LENGTH, cache_size: int = 256,
+                 spec: dict[str, Any] | None = None):
         if max_length < 1 or cache_size < 0:
             raise ValueError(f"max_length must be >= 1 and cache_size >= 0, got {max_length}, {cache_size}")
         self.model = model.eval().requires_grad_(False)
-        self.tokenizer, self.max_length, self.cache_size = tokenizer, max_length, cache_size
+        self.tokenizer, self.max_length, self.cache_size, self.spec = tokenizer, max_length, cache_size, spec
         self._cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
 
     @property
@@ -141,7 +145,7 @@ def load_t5(source: str | Path = T5_NAME, device: torch.device | str = "cpu", dt
             f"(config.json, model weights and tokenizer files) in a folder and pass that folder, or fetch it once "
             f"into the Hugging Face cache with `hf download {T5_NAME}`. ({err})"
         ) from err
-    return TextEncoder(model.to(device, dtype), tokenizer, max_length)
+    return TextEncoder(model.to(device, dtype), tokenizer, max_length, spec={"source": str(source), "max_length": max_length})
 
 
 def tiny_random_t5(d_model: int = 64, num_layers: int = 2, num_heads: int = 4, d_ff: int = 128, seed: int = 0,
@@ -168,7 +172,10 @@ def tiny_random_t5(d_model: int = 64, num_layers: int = 2, num_heads: int = 4, d
         model = T5EncoderModel(config)
     if neighbour_offsets:
         _attend_to_neighbours(model, list(neighbour_offsets), neighbour_bias)
-    return TextEncoder(model, tokenizer, max_length, cache_size)
+    arguments = dict(d_model=d_model, num_layers=num_layers, num_heads=num_heads, d_ff=d_ff, seed=seed, max_length=max_length,
+                     cache_size=cache_size, neighbour_offsets=None if neighbour_offsets is None else list(neighbour_offsets),
+                     neighbour_bias=neighbour_bias)
+    return TextEncoder(model, tokenizer, max_length, cache_size, spec={"tiny_random_t5": arguments})
 
 
 @torch.no_grad()

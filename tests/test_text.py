@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pixelflow.text import TextCondition, TextEncoder, load_t5
+from pixelflow.text import TextCondition, TextEncoder, load_t5, tiny_random_t5
 
 
 def test_text_condition_halves_and_validation():
@@ -66,10 +66,21 @@ def test_load_t5_reads_a_local_folder_and_never_downloads(encoder, tmp_path):
     encoder.tokenizer.save_pretrained(tmp_path / "t5")
     loaded = load_t5(tmp_path / "t5", max_length=16)
     assert torch.equal(loaded.encode(["a red fox"])[0], encoder.encode(["a red fox"])[0])
+    assert loaded.spec == {"source": str(tmp_path / "t5"), "max_length": 16}  # what a training checkpoint records
     with pytest.raises(FileNotFoundError, match="google/flan-t5-xl.*in a folder"):
         load_t5(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="not available locally"):
         load_t5("pixelflow-tests/not-a-model")
+
+
+def test_a_tiny_random_t5_is_built_again_from_its_spec():
+    original = tiny_random_t5(16, 1, 2, 32, seed=3, neighbour_offsets=(-1, 1))
+    arguments = original.spec["tiny_random_t5"]
+    assert arguments["seed"] == 3 and arguments["neighbour_offsets"] == [-1, 1] and arguments["max_length"] == 32
+    again = tiny_random_t5(**arguments)
+    prompts = ["the digit four", ""]
+    assert torch.equal(again.encode(prompts)[0], original.encode(prompts)[0])
+    assert not torch.equal(tiny_random_t5(**{**arguments, "seed": 4}).encode(prompts)[0], original.encode(prompts)[0])
 
 
 def test_device_bytes_counts_weights_and_a_full_cache(encoder):

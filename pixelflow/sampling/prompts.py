@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from pixelflow.checkpoint import LoadedModel
-from pixelflow.text import T5_MAX_LENGTH, TextEncoder, load_t5
+from pixelflow.text import T5_MAX_LENGTH, TextEncoder, load_t5, tiny_random_t5
 
 __all__ = ["PromptSet", "read_prompts_file", "prompt_set", "load_text_encoder", "NO_LABEL"]
 
@@ -84,7 +84,9 @@ def prompt_set(prompts: Sequence[str] | None = None, prompts_file: str | Path | 
 
 def load_text_encoder(loaded: LoadedModel, source: str | None = None, device: torch.device | str = "cpu",
                       dtype: torch.dtype = torch.float32) -> TextEncoder:
-    """The text encoder of a T2I checkpoint: ``source`` (override) or its config's ``text_encoder.source``.
+    """The text encoder of a T2I checkpoint: ``source`` (override) or the one it names: an export's config.yaml
+    ``text_encoder.source``, or the encoder a training ``.ckpt`` recorded (a T5 source, or ``tiny_random_t5``'s
+    arguments, from which it is built again).
 
     A relative source that exists beside the checkpoint is read from there; otherwise it is a folder
     (relative to the cwd) or a Hugging Face name read from the local cache (never downloaded).
@@ -93,14 +95,18 @@ def load_text_encoder(loaded: LoadedModel, source: str | None = None, device: to
     if not width:
         raise ValueError(f"{loaded.source} is a class-to-image checkpoint: it takes classes, not prompts")
     spec = dict(loaded.text_encoder or {})
-    source = source or spec.get("source")
-    if not source:
-        raise ValueError(f"{loaded.source} is a text-to-image checkpoint whose config names no text encoder "
-                         "(config.yaml text_encoder.source): pass text_encoder=PATH (a folder with the T5 encoder and tokenizer)")
-    beside = Path(loaded.source).parent / source
-    if not Path(source).is_absolute() and beside.exists():
-        source = str(beside)
-    encoder = load_t5(source, device, dtype, int(spec.get("max_length", T5_MAX_LENGTH)))
+    if source is None and "tiny_random_t5" in spec:
+        encoder = tiny_random_t5(**spec["tiny_random_t5"])
+        encoder.model.to(device, dtype)
+    else:
+        source = source or spec.get("source")
+        if not source:
+            raise ValueError(f"{loaded.source} is a text-to-image checkpoint that names no text encoder (config.yaml "
+                             "text_encoder.source): pass text_encoder=PATH (a folder with the T5 encoder and tokenizer)")
+        beside = Path(loaded.source).parent / source
+        if not Path(source).is_absolute() and beside.exists():
+            source = str(beside)
+        encoder = load_t5(source, device, dtype, int(spec.get("max_length", T5_MAX_LENGTH)))
     if encoder.width != width:
         raise ValueError(f"text encoder {source} gives states of width {encoder.width} but the model's "
                          f"cross_attention_dim is {width}: pass the encoder the model was trained with (text_encoder=PATH)")

@@ -215,6 +215,7 @@ class PixelFlowLitModule(L.LightningModule):
             "class_names": self.class_names,
             "has_ema": bool(self.ema_decays),
             "ema_decays": self.ema_decays,  # state_dict keys emas.<i>.module.* hold rate ema_decays[i]
+            "text_encoder": None if self.text_encoder is None else self.text_encoder.spec,  # how to build it again
             "nonfinite_steps": {"skipped": self.skipped_steps, "streak": self._nonfinite_streak},
         }
         bad = nonfinite_tensors(checkpoint.get("state_dict", {}))

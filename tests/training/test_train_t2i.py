@@ -6,6 +6,7 @@ import torch
 from pixelflow.cascade import CascadeSchedule
 from pixelflow.checkpoint import load_pixelflow
 from pixelflow.model import build_model
+from pixelflow.sampling.prompts import load_text_encoder
 from pixelflow.text import load_t5, tiny_random_t5
 from pixelflow.training.launch import build_training, run_training
 from pixelflow.training.objective import cascade_loss, drop_captions
@@ -84,6 +85,9 @@ def test_t2i_run_trains_only_the_model_and_exports_the_text_encoder(tmp_path):
     reloaded, original = load_t5(export / "text_encoder", max_length=32), tiny_random_t5(16, 1, 2, 32)
     prompts = ["a scan of the digit seven", ""]
     assert torch.equal(reloaded.encode(prompts)[0], original.encode(prompts)[0])
+    from_ckpt = load_pixelflow(run_dir / "checkpoints" / "last.ckpt")  # records how to build the encoder again
+    assert from_ckpt.text_encoder == {"tiny_random_t5": original.spec["tiny_random_t5"]}
+    assert torch.equal(load_text_encoder(from_ckpt).encode(prompts)[0], original.encode(prompts)[0])
     assert (run_dir / "samples" / "final.png").is_file()  # the prompt grid
 
 
