@@ -81,7 +81,7 @@ def test_datamodule_batches_with_workers_count_skips_in_the_main_process(folder,
         assert images.min() >= -1 and images.max() <= 1 and images.std() > 0.1
     assert len(dm.skips.bad_indices()) == len(CORRUPT)
     assert dm.skips.total >= len(CORRUPT)
-    assert "3 distinct unreadable file(s)" in dm.describe_skips()
+    assert "3 distinct unreadable image(s)" in dm.describe_skips()
     assert dm.report_skips("test") == dm.skips.total
     assert f"{dm.skips.total} in total" in capsys.readouterr().out
 

@@ -13,13 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from PIL import Image
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from pixelflow.data.datamodule import ImageDataModule
-from pixelflow.data.imagenet import MAX_CONSECUTIVE_UNREADABLE, deterministic_transform, random_transform
-from pixelflow.data.robust import UNREADABLE_ERRORS, SkipLedger, SkipReporting, open_rgb
+from pixelflow.data.imagenet import deterministic_transform, random_transform
+from pixelflow.data.robust import FolderSkipReporting, SkipLedger, SkippingFiles
 
 __all__ = ["caption_pairs", "read_caption", "CaptionFolder", "CaptionFolderDataModule"]
 
@@ -46,7 +46,7 @@ def caption_pairs(root: str | Path) -> list[tuple[Path, Path]]:
     return [(p, p.with_suffix(".txt")) for p in images]
 
 
-class CaptionFolder(Dataset):
+class CaptionFolder(SkippingFiles):
     """(image tensor, caption) pairs of :func:`caption_pairs`; unreadable images are skipped (next index)."""
 
     def __init__(self, root: str | Path, transform: Callable | None = None, ledger: SkipLedger | None = None):
@@ -57,21 +57,18 @@ class CaptionFolder(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
-        for offset in range(MAX_CONSECUTIVE_UNREADABLE):
-            i = (index + offset) % len(self.pairs)
-            image_path, text_path = self.pairs[i]
-            try:
-                image = open_rgb(image_path)
-            except UNREADABLE_ERRORS as err:
-                self.ledger.record(str(image_path), err, index=i)
-                continue
-            return (self.transform(image) if self.transform is not None else image), read_caption(text_path)
-        raise RuntimeError(f"{MAX_CONSECUTIVE_UNREADABLE} unreadable images in a row from {self.pairs[index][0]}: "
-                           f"are the files under {self.root} images?")
+    def image_path(self, index: int) -> Path:
+        return self.pairs[index][0]
+
+    def item(self, index: int, image: Image.Image) -> tuple[torch.Tensor, str]:
+        return (self.transform(image) if self.transform is not None else image), read_caption(self.pairs[index][1])
+
+    @property
+    def broken_hint(self) -> str:
+        return f"are the files under {self.root} images?"
 
 
-class CaptionFolderDataModule(SkipReporting, ImageDataModule):
+class CaptionFolderDataModule(FolderSkipReporting, ImageDataModule):
     """Batches (images, captions: list[str]) from a caption folder (see the module docstring)."""
 
     def __init__(self, root: str, batch_size: int = 32, image_size: int = 256, num_workers: int = 8, seed: int = 0,
@@ -82,17 +79,5 @@ class CaptionFolderDataModule(SkipReporting, ImageDataModule):
         self.transform = transforms.Compose([deterministic_transform(image_size, crop, resize_size),
                                              random_transform(image_size, flip)])
 
-    def build_train_dataset(self) -> Dataset:
-        dataset = CaptionFolder(self.root, self.transform)
-        self.skips = dataset.ledger
-        return dataset
-
-    def samples_per_pass(self) -> int:
-        return len(self._train) if self._train is not None else 0
-
-    def describe_skips(self) -> str:
-        bad = self.skips.bad_indices()
-        if not bad:
-            return ""
-        names = [str(self._train.pairs[i][0]) for i in bad[:10]]
-        return f"{len(bad)} distinct unreadable image(s): " + ", ".join(names) + (" ..." if len(bad) > 10 else "")
+    def train_files(self) -> CaptionFolder:
+        return CaptionFolder(self.root, self.transform)

@@ -17,20 +17,17 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import find_classes
 
 from pixelflow.data.datamodule import ImageDataModule
-from pixelflow.data.robust import UNREADABLE_ERRORS, SkipLedger, SkipReporting, open_rgb
+from pixelflow.data.robust import FolderSkipReporting, SkipLedger, SkippingFiles, open_rgb
 
 __all__ = ["CROPS", "adm_center_crop", "resize_short_side", "deterministic_transform", "random_transform",
            "imagenet_class_names", "RobustImageFolder", "ImageNetDataModule"]
 
 CROPS = ("random", "adm")
-# Stop after this many unreadable files in a row: the folder itself is broken, not a few files.
-MAX_CONSECUTIVE_UNREADABLE = 64
 
 
 def resize_short_side(image: Image.Image, size: int) -> Image.Image:
@@ -102,28 +99,25 @@ def imagenet_class_names(wnids: list[str]) -> list[str]:
     return [info.label_name_to_description(w) if w in known else w for w in wnids]
 
 
-class RobustImageFolder(ImageFolder):
+class RobustImageFolder(SkippingFiles, ImageFolder):
     """ImageFolder whose unreadable files are skipped (the next readable index is returned) and counted."""
 
     def __init__(self, root: str | Path, transform: Callable | None = None, ledger: SkipLedger | None = None):
         super().__init__(str(root), transform=transform, loader=open_rgb)
         self.ledger = ledger if ledger is not None else SkipLedger(len(self.samples))
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        for offset in range(MAX_CONSECUTIVE_UNREADABLE):
-            i = (index + offset) % len(self.samples)
-            path, target = self.samples[i]
-            try:
-                image = self.loader(path)
-            except UNREADABLE_ERRORS as err:
-                self.ledger.record(path, err, index=i)
-                continue
-            return (self.transform(image) if self.transform is not None else image), target
-        raise RuntimeError(f"{MAX_CONSECUTIVE_UNREADABLE} unreadable files in a row from {self.samples[index][0]}: "
-                           f"is {self.root} a readable ImageFolder?")
+    def image_path(self, index: int) -> str:
+        return self.samples[index][0]
+
+    def item(self, index: int, image: Image.Image) -> tuple[torch.Tensor, int]:
+        return (self.transform(image) if self.transform is not None else image), self.samples[index][1]
+
+    @property
+    def broken_hint(self) -> str:
+        return f"is {self.root} a readable ImageFolder?"
 
 
-class ImageNetDataModule(SkipReporting, ImageDataModule):
+class ImageNetDataModule(FolderSkipReporting, ImageDataModule):
     """ImageNet-1k train folder (or any ImageFolder) with the published or the ADM augmentation.
 
     ``num_classes`` and class names come from the sub-folder names (wnids -> names via timm).
@@ -140,17 +134,5 @@ class ImageNetDataModule(SkipReporting, ImageDataModule):
         self.transform = transforms.Compose([deterministic_transform(image_size, crop, resize_size),
                                              random_transform(image_size, flip)])
 
-    def build_train_dataset(self) -> Dataset:
-        dataset = RobustImageFolder(self.root, self.transform)
-        self.skips = dataset.ledger
-        return dataset
-
-    def samples_per_pass(self) -> int:
-        return len(self._train) if self._train is not None else 0
-
-    def describe_skips(self) -> str:
-        bad = self.skips.bad_indices()
-        if not bad:
-            return ""
-        names = [self._train.samples[i][0] for i in bad[:10]]
-        return f"{len(bad)} distinct unreadable file(s): " + ", ".join(names) + (" ..." if len(bad) > 10 else "")
+    def train_files(self) -> RobustImageFolder:
+        return RobustImageFolder(self.root, self.transform)

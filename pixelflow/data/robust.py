@@ -1,10 +1,10 @@
 """Unreadable images never crash a run: decode strictly, skip, count across worker processes, report.
 
 :func:`open_rgb` decodes an image completely (a truncated JPEG fails here, not later in a
-transform). Datasets call :meth:`SkipLedger.record` when it fails and move on; the ledger's
-counters live in shared memory, so DataLoader worker processes report to the main process.
-:class:`SkipReporting` (a datamodule mixin) prints the count after every pass over the data
-and a summary at the end of training.
+transform). Datasets call :meth:`SkipLedger.record` when it fails and move on (folder datasets through
+:class:`SkippingFiles`); the ledger's counters live in shared memory, so DataLoader worker processes
+report to the main process. :class:`SkipReporting` (a datamodule mixin) prints the count after every
+pass over the data and a summary at the end of training; :class:`FolderSkipReporting` also names the files.
 """
 
 from __future__ import annotations
@@ -12,17 +12,21 @@ from __future__ import annotations
 import io
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import get_worker_info
+from torch.utils.data import Dataset, get_worker_info
 
-__all__ = ["UNREADABLE_ERRORS", "open_rgb", "SkipLedger", "SkipReporting"]
+__all__ = ["UNREADABLE_ERRORS", "MAX_CONSECUTIVE_UNREADABLE", "open_rgb", "SkipLedger", "SkippingFiles", "SkipReporting",
+           "FolderSkipReporting"]
 
 log = logging.getLogger("pixelflow.data")
 
 # What PIL and the tar reader raise for broken inputs (UnidentifiedImageError is an OSError).
 UNREADABLE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+# Stop after this many unreadable files in a row: the folder itself is broken, not a few files.
+MAX_CONSECUTIVE_UNREADABLE = 64
 
 
 def open_rgb(source: str | Path | bytes) -> Image.Image:
@@ -57,6 +61,38 @@ class SkipLedger:
     def bad_indices(self) -> list[int]:
         """Distinct dataset indices found unreadable so far."""
         return self._flags.nonzero().flatten().tolist()
+
+
+class SkippingFiles(Dataset):
+    """Image files read by index; an unreadable one is recorded in ``ledger`` and the next index is read instead.
+
+    Subclasses set ``ledger`` and give :meth:`image_path`, :meth:`item` (the sample made from the decoded image)
+    and :attr:`broken_hint` (what to check when :data:`MAX_CONSECUTIVE_UNREADABLE` fail in a row).
+    """
+
+    ledger: SkipLedger
+
+    def image_path(self, index: int) -> str | Path:
+        raise NotImplementedError
+
+    def item(self, index: int, image: Image.Image) -> Any:
+        raise NotImplementedError
+
+    @property
+    def broken_hint(self) -> str:
+        return "are the files images?"
+
+    def __getitem__(self, index: int) -> Any:
+        for offset in range(MAX_CONSECUTIVE_UNREADABLE):
+            i = (index + offset) % len(self)
+            try:
+                image = open_rgb(self.image_path(i))
+            except UNREADABLE_ERRORS as err:
+                self.ledger.record(str(self.image_path(i)), err, index=i)
+                continue
+            return self.item(i, image)
+        raise RuntimeError(f"{MAX_CONSECUTIVE_UNREADABLE} unreadable images in a row from {self.image_path(index)}: "
+                           f"{self.broken_hint}")
 
 
 class SkipReporting:
@@ -106,3 +142,26 @@ class SkipReporting:
             detail = self.describe_skips()
             if detail:
                 print(f"[pixelflow] unreadable images: {detail}")
+
+
+class FolderSkipReporting(SkipReporting):
+    """:class:`SkipReporting` for a datamodule that trains on the :class:`SkippingFiles` of :meth:`train_files`;
+    its summary names the first unreadable files."""
+
+    def train_files(self) -> SkippingFiles:
+        raise NotImplementedError
+
+    def build_train_dataset(self) -> SkippingFiles:
+        dataset = self.train_files()
+        self.skips = dataset.ledger
+        return dataset
+
+    def samples_per_pass(self) -> int:
+        return len(self._train) if self._train is not None else 0
+
+    def describe_skips(self) -> str:
+        bad = self.skips.bad_indices()
+        if not bad:
+            return ""
+        names = [str(self._train.image_path(i)) for i in bad[:10]]
+        return f"{len(bad)} distinct unreadable image(s): " + ", ".join(names) + (" ..." if len(bad) > 10 else "")
