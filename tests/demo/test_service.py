@@ -12,6 +12,7 @@ import sys
 import time
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -82,17 +83,26 @@ def demo_model(tiny_ckpt) -> DemoModel:
     return DemoModel.load(tiny_ckpt, device="cpu", max_images=4)
 
 
-@pytest.fixture(scope="module")
-def client(tiny_ckpt, tmp_path_factory) -> Iterator[Client]:
+@contextmanager
+def running_demo(ckpt: Path, download_dir: Path) -> Iterator[Client]:
+    """The demo of ``ckpt`` served on a free port, and a client of it; both closed on exit, the port free again."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    cfg = demo_config(tiny_ckpt)
+    cfg = demo_config(ckpt)
     demo = launch(cfg, prevent_thread_lock=True, quiet=True)
-    client = open_client(f"http://127.0.0.1:{cfg.port}/", tmp_path_factory.mktemp("downloads"))
-    yield client
-    client.close()
-    demo.close()
+    client = open_client(f"http://127.0.0.1:{cfg.port}/", download_dir)
+    try:
+        yield client
+    finally:
+        client.close()
+        demo.close()
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{cfg.port}/", timeout=2)
+
+
+@pytest.fixture(scope="module")
+def client(tiny_ckpt, tmp_path_factory) -> Iterator[Client]:
+    with running_demo(tiny_ckpt, tmp_path_factory.mktemp("downloads")) as client:
+        yield client
 
 
 def _pixels(path: str) -> bytes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import zipfile
 from collections.abc import Iterator
@@ -14,10 +13,10 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from pixelflow.demo.app import build_demo, launch
+from pixelflow.demo.app import build_demo
 from pixelflow.demo.service import MAX_PROMPT_CHARS, DemoInputError, DemoModel
 from tests.conftest import make_t2i_export
-from tests.demo.test_service import FAST, demo_config, open_client
+from tests.demo.test_service import FAST, demo_config, running_demo
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +31,8 @@ def text_demo(t2i_ckpt) -> DemoModel:
 
 @pytest.fixture(scope="module")
 def client(t2i_ckpt, tmp_path_factory) -> Iterator[Client]:
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    cfg = demo_config(t2i_ckpt)
-    demo = launch(cfg, prevent_thread_lock=True, quiet=True)
-    client = open_client(f"http://127.0.0.1:{cfg.port}/", tmp_path_factory.mktemp("downloads"))
-    yield client
-    client.close()
-    demo.close()
+    with running_demo(t2i_ckpt, tmp_path_factory.mktemp("downloads")) as client:
+        yield client
 
 
 def test_generation_follows_the_prompt_and_the_negative_prompt(text_demo):

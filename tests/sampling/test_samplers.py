@@ -111,20 +111,25 @@ class _AlwaysBothBranches(CascadeSampler):
         return v_u + weight * (v_c - v_u)
 
 
+def check_guidance_skip_against_the_full_computation(model, schedule, condition, batch: int, config: SamplerConfig) -> None:
+    """The sampler and :class:`_AlwaysBothBranches` on the same noise: the same images to float rounding and model
+    calls, in fewer network rows (some calls, w = 1, ran the conditional rows only), as ``forward_rows`` counts."""
+    noise = CascadeNoise.draw(schedule, batch, 3, doubled=False, generator=torch.Generator().manual_seed(4))
+    rows = []
+    model.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    fast = CascadeSampler(model, schedule, config).sample(condition, noise=noise)
+    fast_rows, rows[:] = sum(rows), []
+    full = _AlwaysBothBranches(model, schedule, config).sample(condition, noise=noise)
+    assert fast.nfe == full.nfe and (fast.images - full.images).abs().max() < 1e-5
+    assert fast.forward_rows == fast_rows < sum(rows)
+
+
 @pytest.mark.parametrize("kw", [dict(cfg=3.0), dict(cfg=1.0), dict(cfg=3.0, guidance_interval=(0.4, 0.8)),
                                 dict(method="heun", cfg=3.0), dict(method="ab2", cfg=1.0)])
 def test_guidance_skip_matches_the_full_computation_to_float_rounding(tiny_model, tiny_schedule, kw):
-    labels = torch.tensor([1, 5, 7])
-    noise = CascadeNoise.draw(tiny_schedule, 3, 3, doubled=False, generator=torch.Generator().manual_seed(4))
-    config = SamplerConfig(**{"steps": 3, **kw})
-    rows = []
-    tiny_model.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
-    fast = CascadeSampler(tiny_model, tiny_schedule, config).sample(labels, noise=noise)
-    fast_rows, rows[:] = sum(rows), []
-    full = _AlwaysBothBranches(tiny_model, tiny_schedule, config).sample(labels, noise=noise)
-    assert fast.nfe == full.nfe
-    assert (fast.images - full.images).abs().max() < 1e-5
-    assert fast.forward_rows == fast_rows < sum(rows)  # stage 0 (w = 1) at least ran conditional-only
+    # with cfg=3 stage 0 (w = 1 under the ramp) runs conditional-only
+    check_guidance_skip_against_the_full_computation(tiny_model, tiny_schedule, torch.tensor([1, 5, 7]), 3,
+                                                     SamplerConfig(**{"steps": 3, **kw}))
 
 
 def test_cfg_one_runs_only_the_conditional_branch(tiny_model, tiny_schedule):

@@ -7,7 +7,7 @@ from pixelflow.cascade import CascadeSchedule
 from pixelflow.model import build_model
 from pixelflow.sampling.samplers import CascadeNoise, CascadeSampler, SamplerConfig
 from pixelflow.text import TextCondition
-from tests.sampling.test_samplers import _AlwaysBothBranches
+from tests.sampling.test_samplers import check_guidance_skip_against_the_full_computation
 
 SCHEDULE = CascadeSchedule(image_size=32, num_stages=4)
 
@@ -57,16 +57,7 @@ def test_text_guidance_runs_both_branches_at_every_stage_and_skips_them_at_cfg_o
 @pytest.mark.parametrize("kw", [dict(cfg=1.0), dict(cfg=3.0, guidance_interval=(0.4, 0.8)),
                                 dict(method="heun", cfg=1.0), dict(method="ab2", cfg=3.0, guidance_interval=(0.0, 0.5))])
 def test_guidance_skip_matches_the_full_computation_to_float_rounding(t2i_model, kw):
-    text = _text(batch=3)
-    noise = CascadeNoise.draw(SCHEDULE, 3, 3, doubled=False, generator=torch.Generator().manual_seed(4))
-    config = SamplerConfig(**{"steps": 3, **kw})
-    rows = []
-    t2i_model.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
-    fast = CascadeSampler(t2i_model, SCHEDULE, config).sample(text, noise=noise)
-    fast_rows, rows[:] = sum(rows), []
-    full = _AlwaysBothBranches(t2i_model, SCHEDULE, config).sample(text, noise=noise)
-    assert fast.nfe == full.nfe and (fast.images - full.images).abs().max() < 1e-5
-    assert fast.forward_rows == fast_rows < sum(rows)  # some calls (w = 1) ran the conditional rows only
+    check_guidance_skip_against_the_full_computation(t2i_model, SCHEDULE, _text(batch=3), 3, SamplerConfig(**{"steps": 3, **kw}))
 
 
 def test_dopri5_samples_text_on_the_doubled_state(t2i_model):
