@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pixelflow.data.mnist import MNIST
@@ -120,7 +121,8 @@ def test_named_mnist_reference_matches_training_images():
     ref = resolve_reference("mnist_test")
     assert ref.shape == (10000, 32, 32, 3) and ref.stats is None
     first = next(ref.batches(16))
-    np.testing.assert_array_equal(first, to_uint8(MNIST("test").images[:16]).numpy())
+    training_images = torch.stack([MNIST("test")[i][0] for i in range(16)])
+    np.testing.assert_array_equal(first, to_uint8(training_images).numpy())
     np.testing.assert_array_equal(ref.labels, mnist_images("test")[1])
 
 

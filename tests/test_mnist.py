@@ -4,6 +4,7 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 
 from pixelflow.data.mnist import MNIST, NumpyOnlyUnpickler, UnsafePickleError, load_mnist_arrays
 
@@ -46,6 +47,9 @@ def test_mnist_splits_shapes_and_range():
     assert image.shape == (3, 32, 32) and 0 <= label <= 9
     assert image.min() == -1 and image.max() <= 1
     assert (image[:, :2] == -1).all()  # zero padding (black) around the 28 px digit
+    digit = torch.from_numpy(arrays["test"][0][0]).float().div(127.5).sub(1.0)
+    assert torch.equal(image[:, 2:30, 2:30], digit.expand(3, -1, -1))  # the pixel levels scaled to [-1, 1]
+    assert data.pixels.dtype == torch.uint8 and data.pixels.shape == (10000, 1, 32, 32)  # kept small in memory
     assert np.bincount(data.labels.numpy()).min() > 800
 
 
