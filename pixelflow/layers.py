@@ -214,6 +214,6 @@ class TransformerBlock(nn.Module):
         h = modulate(plain_layer_norm(x), shift_msa, factor_msa)
         x = gated_residual(x, gate_msa, self.attn1(as_dtype(h, x.dtype), rope, packing=packing))
         if text is not None:
-            x = x + self.attn2(self.norm2(x.float()).to(x.dtype), rope, text, text_bias, packing)
+            x = x + self.attn2(as_dtype(self.norm2(as_dtype(x, torch.float32)), x.dtype), rope, text, text_bias, packing)
         h = modulate(F.rms_norm(as_dtype(x, torch.float32), x.shape[-1:], eps=self.norm3.eps), shift_mlp, factor_mlp)
         return gated_residual(x, gate_mlp, self.mlp(as_dtype(h, x.dtype)))

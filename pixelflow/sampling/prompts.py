@@ -108,6 +108,6 @@ def load_text_encoder(loaded: LoadedModel, source: str | None = None, device: to
             source = str(beside)
         encoder = load_t5(source, device, dtype, int(spec.get("max_length", T5_MAX_LENGTH)))
     if encoder.width != width:
-        raise ValueError(f"text encoder {source} gives states of width {encoder.width} but the model's "
+        raise ValueError(f"text encoder {source or 'tiny_random_t5'} gives states of width {encoder.width} but the model's "
                          f"cross_attention_dim is {width}: pass the encoder the model was trained with (text_encoder=PATH)")
     return encoder
