@@ -20,6 +20,7 @@ from pixelflow.checkpoint import model_kwargs
 from pixelflow.model import PixelFlowTransformer
 from pixelflow.text import TextEncoder
 from pixelflow.training.objective import cascade_loss
+from pixelflow.training.process_group import destroy_gloo_group_at_exit
 
 __all__ = ["PixelFlowLitModule", "DivergenceError", "nonfinite_tensors"]
 
@@ -145,6 +146,9 @@ class PixelFlowLitModule(L.LightningModule):
             total = self.trainer.max_steps
             decay_start = round(total * (1 - self.lr_decay_fraction))
         return self.lr * lr_factor(step, self.lr_warmup_steps, decay_start, total)
+
+    def setup(self, stage: str) -> None:
+        destroy_gloo_group_at_exit()  # in every process of a distributed run, after its group exists
 
     def on_fit_start(self) -> None:
         if self.text_encoder is not None:  # a plain attribute: Lightning does not move it with the module
