@@ -106,11 +106,10 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_inference(x):  # the same sums as one matmul over gathered patches: fewer kernels on the CPU
-            batch, channels, height, width = x.shape
-            p = self.proj.kernel_size[0]
-            patches = x.reshape(batch, channels, height // p, p, width // p, p).permute(0, 2, 4, 1, 3, 5)
-            return F.linear(patches.reshape(batch, (height // p) * (width // p), -1), self.proj.weight.flatten(1), self.proj.bias)
+        if cpu_inference(x):  # the same sums as one matmul over the patches: fewer, faster kernels on the CPU
+            # pixel_unshuffle orders a patch's values (channel, row, column), as the flattened kernel is
+            patches = F.pixel_unshuffle(x, self.proj.kernel_size[0]).flatten(2).transpose(1, 2)
+            return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
         return self.proj(x).flatten(2).transpose(1, 2)
 
 

@@ -1,5 +1,6 @@
 """The layers' small formulas (sinusoid, adaLN modulation, gated residual) and the CPU inference patch projection."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -34,10 +35,11 @@ def test_fp32_region_turns_autocast_off_only_where_it_is_on():
         assert torch.is_autocast_enabled("cpu")
 
 
-def test_patch_embed_inference_matmul_equals_the_convolution(monkeypatch):
+@pytest.mark.parametrize("patch", [2, 4])
+def test_patch_embed_inference_matmul_equals_the_convolution(monkeypatch, patch):
     """Without autograd on the CPU the patch projection is one matmul over gathered patches; same values."""
     torch.manual_seed(0)
-    embed = PatchEmbed(patch_size=4, in_channels=3, hidden=24)
+    embed = PatchEmbed(patch_size=patch, in_channels=3, hidden=24)
     x = torch.randn(2, 3, 16, 12)
     ref = embed(x).detach()  # autograd on: the Conv2d
 
@@ -47,7 +49,7 @@ def test_patch_embed_inference_matmul_equals_the_convolution(monkeypatch):
     monkeypatch.setattr(embed.proj, "forward", no_conv)
     with torch.no_grad():
         out = embed(x)
-    assert out.shape == (2, 12, 24)
+    assert out.shape == (2, 16 * 12 // patch**2, 24)
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
