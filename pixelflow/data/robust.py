@@ -85,10 +85,11 @@ class SkippingFiles(Dataset):
     def __getitem__(self, index: int) -> Any:
         for offset in range(MAX_CONSECUTIVE_UNREADABLE):
             i = (index + offset) % len(self)
+            path = self.image_path(i)
             try:
-                image = open_rgb(self.image_path(i))
+                image = open_rgb(path)
             except UNREADABLE_ERRORS as err:
-                self.ledger.record(str(self.image_path(i)), err, index=i)
+                self.ledger.record(str(path), err, index=i)
                 continue
             return self.item(i, image)
         raise RuntimeError(f"{MAX_CONSECUTIVE_UNREADABLE} unreadable images in a row from {self.image_path(index)}: "
