@@ -65,7 +65,9 @@ class SamplerConfig:
 class CascadeNoise:
     """Every random draw of one sampling run: the stage-0 latent and each transition's block noise.
 
-    For Dopri5 the transition noise covers the CFG-doubled state (2B rows), as in the published code.
+    For Dopri5 the transition noise covers the CFG-doubled state (2B rows), as in the published code: the
+    first B rows (the images') are drawn first, exactly as a fixed-grid method's, and the state's second
+    half after them, so every method samples the same images' draws from the same seed or generator.
     """
 
     init: torch.Tensor
@@ -78,10 +80,10 @@ class CascadeNoise:
     ) -> CascadeNoise:
         sides = schedule.stage_sides
         init = torch.randn((batch, channels, sides[0], sides[0]), generator=generator, device=device)
-        rows = 2 * batch if doubled else batch
-        transitions = [schedule.block_noise((rows, channels, s, s), generator, device) for s in sides[1:]]
+        transitions = [schedule.block_noise((batch, channels, s, s), generator, device) for s in sides[1:]]
+        if doubled:  # the second half's rows, after every draw of the images'
+            transitions = [torch.cat([z, schedule.block_noise(z.shape, generator, device)]) for z in transitions]
         return cls(init, transitions)
-
 
     @classmethod
     def per_sample(
@@ -94,16 +96,17 @@ class CascadeNoise:
         stage over the whole batch.
         """
         sides = schedule.stage_sides
-        rows = 2 if doubled else 1
-        inits, raw = [], [[] for _ in sides[1:]]
+        halves = 2 if doubled else 1
+        inits, raw = [], [[[] for _ in sides[1:]] for _ in range(halves)]
         for seed in seeds:  # same draw order as ``draw(batch=1)`` from this seed
             g = torch.Generator(device).manual_seed(int(seed))
             inits.append(torch.randn((1, channels, sides[0], sides[0]), generator=g, device=device))
-            for k, s in enumerate(sides[1:]):
-                raw[k].append(torch.randn((rows, channels, s // 2, s // 2, 4), generator=g, device=device))
-        # Doubled transition noise is laid out [rows for x; rows for x'] over the whole batch.
-        transitions = [schedule.correlate_blocks(torch.cat([z[h:h + 1] for h in range(rows) for z in per_stage]))
-                       for per_stage in raw]
+            for half in range(halves):
+                for k, s in enumerate(sides[1:]):
+                    raw[half][k].append(torch.randn((1, channels, s // 2, s // 2, 4), generator=g, device=device))
+        # Doubled transition noise is laid out [the images' rows; the second half's rows] over the whole batch.
+        transitions = [schedule.correlate_blocks(torch.cat([z for half in raw for z in half[k]]))
+                       for k in range(len(sides) - 1)]
         return cls(torch.cat(inits), transitions)
 
 

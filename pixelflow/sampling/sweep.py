@@ -8,6 +8,8 @@ uses the same per-sample seeds, so cells differ only by their sampler settings. 
 records the fixed settings (checkpoint, reference, seed, ...); a restart with other ones is refused.
 With ``compile``, the network is compiled once for the cells still to run, before the first of them;
 the compile time goes to ``OUT/compile.json``, not into any cell's seconds per image.
+Where the grid has a Dopri5 cell, every cell of its guidance and sample count also reports its images' distance
+to Dopri5's (:func:`add_distance_to_dopri5`): the methods draw the same noise for an image.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from lightning.fabric import Fabric
 
 from pixelflow.checkpoint import LoadedModel
@@ -32,7 +35,8 @@ from pixelflow.sampling.compile import batch_sizes, compile_loaded
 from pixelflow.sampling.generate import SHARD_DIR, finished_indices, generate
 from pixelflow.sampling.samplers import SamplerConfig
 
-__all__ = ["SweepError", "Cell", "SweepOptions", "build_grid", "eval_options", "reference_scorer", "run_cell", "run_sweep"]
+__all__ = ["SweepError", "Cell", "SweepOptions", "build_grid", "eval_options", "reference_scorer", "run_cell", "run_sweep",
+           "DISTANCE_TO_DOPRI5", "add_distance_to_dopri5"]
 
 Scorer = Callable[[Path], dict[str, Any]]  # samples.npz -> an evaluate() result (metrics, unavailable, ...)
 
@@ -208,6 +212,29 @@ def _check_fixed(path: Path, fixed: dict[str, Any]) -> None:
         write_metrics(fixed, path)
 
 
+DISTANCE_TO_DOPRI5 = "pixel_distance_to_dopri5"
+
+
+def add_distance_to_dopri5(out_dir: Path, cells: list[Cell], results: list[dict[str, Any]]) -> None:
+    """Add to each result, in place, the mean absolute difference (0-255 levels) of its images from the Dopri5 cell's
+    with the same guidance and sample count, image by image; cells without such a Dopri5 cell get none.
+
+    Every cell samples from the same per-sample seeds, and every method draws the same noise for an image from
+    its seed (:class:`~pixelflow.sampling.samplers.CascadeNoise`), so this is each method's distance to the
+    adaptive solution of the same ODE. It is computed from the samples each time (not stored in ``result.json``).
+    """
+    group = lambda c: (c.cfg, c.guidance_interval, c.num_samples)  # noqa: E731
+    references = {group(c): out_dir / "cells" / c.name / "samples.npz" for c in cells if c.method == "dopri5"}
+    for cell, result in zip(cells, results, strict=True):
+        reference = references.get(group(cell))
+        if reference is None:
+            continue
+        with np.load(reference, allow_pickle=False) as ref, \
+                np.load(out_dir / "cells" / cell.name / "samples.npz", allow_pickle=False) as own:
+            gap = np.abs(own["arr_0"].astype(np.float64) - ref["arr_0"].astype(np.float64)).mean()
+        result["metrics"][DISTANCE_TO_DOPRI5] = float(gap)
+
+
 def run_sweep(loaded: LoadedModel, cells: list[Cell], out_dir: str | Path, score: Scorer, opts: SweepOptions,
               fabric: Fabric | None = None, on_cell_done: Callable[[Cell, dict[str, Any]], None] | None = None
               ) -> list[dict[str, Any]]:
@@ -236,4 +263,6 @@ def run_sweep(loaded: LoadedModel, cells: list[Cell], out_dir: str | Path, score
         results.append(result)
         if on_cell_done is not None:
             on_cell_done(cell, result)
+    add_distance_to_dopri5(out_dir, cells, results)
     return results
+

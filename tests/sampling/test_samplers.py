@@ -83,6 +83,29 @@ def test_per_sample_noise_is_batch_independent(tiny_model, tiny_schedule):
     assert doubled.transitions[0].shape[0] == 4
 
 
+@pytest.mark.parametrize("source", ["seeds", "generator"])
+def test_dopri5_draws_the_same_image_noise_as_the_fixed_grid_methods(tiny_schedule, source):
+    """The doubled state's first half gets a fixed-grid run's draws, so methods compare on the same noise."""
+    def noise(doubled: bool) -> CascadeNoise:
+        if source == "seeds":
+            return CascadeNoise.per_sample(tiny_schedule, [11, 12, 13], 3, doubled)
+        return CascadeNoise.draw(tiny_schedule, 3, 3, doubled, torch.Generator().manual_seed(11))
+
+    single, doubled = noise(False), noise(True)
+    assert torch.equal(single.init, doubled.init)
+    for one, two in zip(single.transitions, doubled.transitions, strict=True):
+        assert two.shape[0] == 6 and torch.equal(two[:3], one)
+        assert not torch.allclose(two[3:], one)  # the second half is drawn apart, not copied
+
+
+@pytest.mark.parametrize("doubled", [False, True])
+def test_a_seed_draws_what_a_generator_seeded_with_it_draws(tiny_schedule, doubled):
+    seeded = CascadeNoise.per_sample(tiny_schedule, [7], 3, doubled)
+    drawn = CascadeNoise.draw(tiny_schedule, 1, 3, doubled, torch.Generator().manual_seed(7))
+    assert torch.equal(seeded.init, drawn.init)
+    assert all(torch.equal(a, b) for a, b in zip(seeded.transitions, drawn.transitions, strict=True))
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(method="rk4"), "method"), (dict(steps=[1, 2]), "steps"), (dict(steps=0), "steps"),
     (dict(shift=0), "shift"), (dict(cfg=0.5), "cfg"), (dict(guidance_interval=(0.8, 0.2)), "guidance_interval"),

@@ -107,6 +107,32 @@ def test_sweep_writes_tables_and_plots_with_one_row_per_cell(tmp_path, ckpt):
         assert json.loads((out / "cells" / cell.name / "metrics.json").read_text())["metrics"] == record["metrics"]
 
 
+def test_cells_report_their_images_distance_to_the_dopri5_cell_of_their_guidance(tmp_path, ckpt):
+    cells = build_grid(["euler", "dopri5"], [1, 3], [1, 3], 1.0, [None], 2, num_stages=4)
+    out = tmp_path / "sweep"
+    results = run_sweep(load_pixelflow(ckpt), cells, out, mean_pixel, SweepOptions(batch_size=2), Fabric(accelerator="cpu"))
+
+    def images(cell: Cell) -> np.ndarray:
+        with np.load(out / "cells" / cell.name / "samples.npz") as data:
+            return data["arr_0"].astype(np.float64)
+
+    for cell, result in zip(cells, results):
+        dopri5 = next(c for c in cells if c.method == "dopri5" and c.cfg == cell.cfg)
+        expected = np.abs(images(cell) - images(dopri5)).mean()
+        assert result["metrics"][sweep.DISTANCE_TO_DOPRI5] == pytest.approx(expected, abs=1e-12)
+        assert (expected == 0) == (cell.method == "dopri5")  # each Euler cell's own images differ from Dopri5's
+    assert sweep.DISTANCE_TO_DOPRI5 not in json.loads((out / "cells" / cells[0].name / "result.json").read_text())["metrics"]
+    write_report(out, results)
+    assert (out / "plots" / f"{sweep.DISTANCE_TO_DOPRI5}_vs_model_calls.png").is_file()
+
+
+def test_cells_without_a_dopri5_cell_of_their_guidance_get_no_distance(tmp_path, ckpt):
+    cells = build_grid("euler", [1], [1, 3], 1.0, [None], 2, num_stages=4) + \
+        build_grid("dopri5", [1], [3], 1.0, [None], 3, num_stages=4)  # another sample count
+    results = run_sweep(load_pixelflow(ckpt), cells, tmp_path, mean_pixel, SweepOptions(batch_size=3), Fabric(accelerator="cpu"))
+    assert [sweep.DISTANCE_TO_DOPRI5 in r["metrics"] for r in results] == [False, False, True]
+
+
 def test_killed_sweep_restarts_only_the_missing_cells(tmp_path, ckpt, monkeypatch):
     out, loaded, opts, cpu = tmp_path / "sweep", load_pixelflow(ckpt), SweepOptions(batch_size=1), Fabric(accelerator="cpu")
     cells = grid_2x2()
