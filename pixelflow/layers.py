@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pixelflow.fused import cpu_inference, linear_gelu_tanh
+from pixelflow.fused import cpu_inference, linear_gelu_tanh, rms_norm
 from pixelflow.packing import Packing, per_token
 from pixelflow.precision import as_dtype
 from pixelflow.rope import apply_rope
@@ -61,15 +61,19 @@ def plain_layer_norm(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:], weight, eps=1e-6)
 
 
-def modulate(normed: torch.Tensor, shift: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """adaLN with its scale as a factor, ``factor`` = 1 + scale: normed * factor + shift, as one fused multiply-add."""
-    return torch.addcmul(shift, normed, factor)
+def modulate(normed: torch.Tensor, shift: torch.Tensor, factor: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
+    """adaLN with its scale as a factor, ``factor`` = 1 + scale: normed * factor + shift, as one fused multiply-add;
+    written into ``normed`` with ``overwrite`` where :func:`~pixelflow.fused.cpu_inference` holds (for a fresh
+    tensor the caller owns; use the return value)."""
+    out = normed if overwrite and cpu_inference(normed) else None
+    return torch.addcmul(shift, normed, factor, out=out)
 
 
-def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x + gate * y in x's dtype: one fused multiply-add where the dtypes agree (no autocast)."""
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
+    """x + gate * y in x's dtype: one fused multiply-add where the dtypes agree (no autocast); added into ``x``
+    itself with ``overwrite`` where :func:`~pixelflow.fused.cpu_inference` holds (use the return value)."""
     if x.dtype == gate.dtype == y.dtype:
-        return torch.addcmul(x, gate, y)
+        return x.addcmul_(gate, y) if overwrite and cpu_inference(x) else torch.addcmul(x, gate, y)
     return x + (gate * y).to(x.dtype)
 
 
@@ -136,16 +140,20 @@ class Attention(nn.Module):
         self, x: torch.Tensor, rope: tuple[torch.Tensor, ...],
         context: torch.Tensor | None = None, context_bias: torch.Tensor | None = None, packing: Packing | None = None,
     ) -> torch.Tensor:
+        """The q/k norms take the modules' weights and eps (through :func:`~pixelflow.fused.rms_norm`); on the
+        CPU inference path they and the rotation overwrite the fresh projection outputs."""
+        def normed(t: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
+            return rms_norm(as_dtype(t, torch.float32), norm.weight, norm.eps, overwrite=True)
+
         def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+            return t.unflatten(-1, (self.num_heads, self.head_dim))  # (B, S, H, D)
 
         kv = x if context is None else as_dtype(context, x.dtype)
-        q = heads(as_dtype(self.q_norm(as_dtype(self.q_proj(x), torch.float32)), x.dtype))
-        k = heads(as_dtype(self.k_norm(as_dtype(self.k_proj(kv), torch.float32)), x.dtype))
-        v = heads(self.v_proj(kv))
-        q = apply_rope(q, *rope)
+        q = apply_rope(heads(normed(self.q_proj(x), self.q_norm)), *rope, overwrite=True)
+        k = heads(normed(self.k_proj(kv), self.k_norm))
         if context is None:
-            k = apply_rope(k, *rope)
+            k = apply_rope(k, *rope, overwrite=True)
+        q, k, v = (as_dtype(t, x.dtype).transpose(1, 2) for t in (q, k, heads(self.v_proj(kv))))  # (B, H, S, D)
         bias = None if context_bias is None else context_bias.to(q.dtype)
         if packing is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
@@ -205,14 +213,16 @@ class TransformerBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, ...],
         text: torch.Tensor | None = None, text_bias: torch.Tensor | None = None, packing: Packing | None = None,
-        modulation: tuple[torch.Tensor, ...] | None = None,
+        modulation: tuple[torch.Tensor, ...] | None = None, overwrite: bool = False,
     ) -> torch.Tensor:
-        """``modulation``: this block's :meth:`factors` computed ahead from ``c`` (then ``c`` is not read)."""
+        """``modulation``: this block's :meth:`factors` computed ahead from ``c`` (then ``c`` is not read).
+        ``overwrite``: the residual stream is updated in ``x`` itself on the CPU inference path (for an ``x`` the
+        caller no longer needs; use the return value). The block's own temporaries are overwritten there either way."""
         modulation = self.factors(c, packing) if modulation is None else modulation
         shift_msa, factor_msa, gate_msa, shift_mlp, factor_mlp, gate_mlp = modulation
-        h = modulate(plain_layer_norm(x), shift_msa, factor_msa)
-        x = gated_residual(x, gate_msa, self.attn1(as_dtype(h, x.dtype), rope, packing=packing))
+        h = modulate(plain_layer_norm(x), shift_msa, factor_msa, overwrite=True)
+        x = gated_residual(x, gate_msa, self.attn1(as_dtype(h, x.dtype), rope, packing=packing), overwrite=overwrite)
         if text is not None:
             x = x + self.attn2(as_dtype(self.norm2(as_dtype(x, torch.float32)), x.dtype), rope, text, text_bias, packing)
-        h = modulate(F.rms_norm(as_dtype(x, torch.float32), x.shape[-1:], eps=self.norm3.eps), shift_mlp, factor_mlp)
-        return gated_residual(x, gate_mlp, self.mlp(as_dtype(h, x.dtype)))
+        h = modulate(rms_norm(as_dtype(x, torch.float32), None, self.norm3.eps), shift_mlp, factor_mlp, overwrite=True)
+        return gated_residual(x, gate_mlp, self.mlp(as_dtype(h, x.dtype)), overwrite=True)

@@ -261,14 +261,15 @@ class PixelFlowTransformer(nn.Module):
     def _trunk(self, h: torch.Tensor, c: torch.Tensor | None, rope: tuple[torch.Tensor, ...], text_states, text_bias,
                packing: Packing | None, keep: bool = False,
                modulation: Modulation | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The transformer blocks; with ``keep`` also every block's output."""
+        """The transformer blocks; with ``keep`` also every block's output. Without it the stream ``h`` (the
+        caller's fresh patch tokens) is updated in place on the CPU inference path."""
         outputs = []
         for i, block in enumerate(self.transformer_blocks):
             vectors = None if modulation is None else modulation.blocks[i]
             if self.gradient_checkpointing and self.training:
                 h = checkpoint(block, h, c, rope, text_states, text_bias, packing, vectors, use_reentrant=False)
             else:
-                h = block(h, c, rope, text_states, text_bias, packing, vectors)
+                h = block(h, c, rope, text_states, text_bias, packing, vectors, overwrite=not keep)
             if keep:
                 outputs.append(h)
         return h, outputs
@@ -283,7 +284,7 @@ class PixelFlowTransformer(nn.Module):
               modulation: Modulation | None = None) -> torch.Tensor:
         """Final adaLN LayerNorm and projection to patch pixels."""
         shift, factor = self._head_modulation(c, packing) if modulation is None else modulation.head
-        h32 = modulate(plain_layer_norm(h), shift, factor)
+        h32 = modulate(plain_layer_norm(h), shift, factor, overwrite=True)
         return self.proj_out_2(as_dtype(h32, h.dtype))
 
     def _unpatchify(self, out: torch.Tensor, grid: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ from functools import lru_cache
 
 import torch
 
+from pixelflow.fused import cpu_inference
 from pixelflow.precision import as_dtype
 
 __all__ = ["rope_2d", "rope_pairs", "apply_rope"]
@@ -48,18 +49,28 @@ def rope_pairs(grid: int, head_dim: int, theta: float = 10000.0, device: torch.d
     return _pair_tables(grid, head_dim, theta, torch.device(device))
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotation: torch.Tensor | None = None) -> torch.Tensor:
-    """Rotate interleaved pairs (a, b) -> (a cos - b sin, b cos + a sin); x is (B, H, S, D), cos/sin (S, D / 2).
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotation: torch.Tensor | None = None, *, overwrite: bool = False,
+) -> torch.Tensor:
+    """Rotate interleaved pairs (a, b) -> (a cos - b sin, b cos + a sin); x is (B, S, H, D), tokens then heads,
+    as the projections lay them out; cos/sin (S, D / 2), the same for every head.
 
     Eager: one complex product by ``rotation`` = cos + i sin (formed here when not given; the same formula to
-    float rounding, 3-10x faster on CPU than the real-valued form). Under torch.compile: the real-valued form,
-    which inductor fuses (it does not generate code for complex operators).
+    float rounding, 3-10x faster on CPU than the real-valued form), into ``x`` itself with ``overwrite`` where
+    :func:`~pixelflow.fused.cpu_inference` holds (for a fresh float32 tensor the caller owns; use the return
+    value). Under torch.compile: the real-valued form, which inductor fuses (it does not generate code for
+    complex operators).
     """
     pairs = as_dtype(x, torch.float32).unflatten(-1, (-1, 2))
     if torch.compiler.is_compiling():
         a, b = pairs.unbind(-1)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
         return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).to(x.dtype)
-    if pairs.storage_offset() % 2 or any(stride % 2 for stride in pairs.stride()[:-1]):
+    aligned = pairs.storage_offset() % 2 == 0 and all(stride % 2 == 0 for stride in pairs.stride()[:-1])
+    if not aligned:
         pairs = pairs.clone(memory_format=torch.contiguous_format)  # view_as_complex needs aligned (a, b) pairs
-    rotation = torch.complex(cos, sin) if rotation is None else rotation
+    rotation = (torch.complex(cos, sin) if rotation is None else rotation).unsqueeze(-2)
+    if overwrite and aligned and cpu_inference(x):
+        torch.view_as_complex(pairs).mul_(rotation)
+        return x
     return as_dtype(torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2), x.dtype)

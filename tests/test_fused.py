@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import pixelflow.fused as fused
-from pixelflow.fused import cpu_inference, linear_gelu_tanh
+from pixelflow.fused import cpu_inference, linear_gelu_tanh, rms_norm
 from pixelflow.model import build_model
 
 needs_onednn = pytest.mark.skipif(fused._LINEAR_POINTWISE is None, reason="this PyTorch has no oneDNN linear")
@@ -58,6 +58,36 @@ def test_plain_form_where_the_kernel_does_not_apply(kernel_calls):
     with torch.no_grad():
         assert linear_gelu_tanh(x.double(), linear.double()).dtype == torch.float64
     assert kernel_calls == []
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_rms_norm_equals_aten_on_the_inference_path(overwrite, weighted, monkeypatch):
+    """One vector_norm read for the sums of squares, the same values as ATen's rms_norm; in place with overwrite."""
+    reads = []
+    vector_norm = torch.linalg.vector_norm
+    monkeypatch.setattr(torch.linalg, "vector_norm", lambda *a, **k: reads.append(1) or vector_norm(*a, **k))
+    torch.manual_seed(0)
+    x, weight = torch.randn(4, 9, 32) * 3, (torch.rand(32) + 0.5 if weighted else None)
+    ref = F.rms_norm(x, (32,), weight, 1e-6)
+    given = x.clone()
+    with torch.no_grad():
+        out = rms_norm(given, weight, 1e-6, overwrite=overwrite)
+    assert reads == [1]
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    assert (out is given) == overwrite
+    if not overwrite:
+        assert torch.equal(given, x)
+
+
+def test_rms_norm_with_autograd_is_aten_and_leaves_its_input():
+    torch.manual_seed(0)
+    x, weight = torch.randn(4, 32, requires_grad=True), torch.rand(32, requires_grad=True)
+    out = rms_norm(x, weight, 1e-6, overwrite=True)
+    assert out is not x
+    torch.testing.assert_close(out, F.rms_norm(x, (32,), weight, 1e-6), rtol=0, atol=0)
+    out.sum().backward()
+    assert x.grad is not None and weight.grad is not None
 
 
 def test_cpu_inference_predicate():

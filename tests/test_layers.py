@@ -25,6 +25,22 @@ def test_modulate_and_gated_residual_are_their_formulas():
     assert gated_residual(stream, gate, x.bfloat16()).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("op", ["modulate", "gated_residual"])
+def test_overwrite_writes_in_place_only_on_the_cpu_inference_path(op, grad):
+    torch.manual_seed(0)
+    x, a, b = torch.randn(2, 5, 8), torch.randn(2, 1, 8), torch.randn(2, 1, 8)
+    call, expected = {"modulate": (lambda t: modulate(t, a, b, overwrite=True), x * b + a),
+                      "gated_residual": (lambda t: gated_residual(t, a, x, overwrite=True), x + a * x)}[op]
+    given = x.clone().requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        out = call(given)
+    torch.testing.assert_close(out, expected)
+    assert (out is given) == (not grad)  # with autograd on, a new tensor and the input as it was
+    if grad:
+        assert torch.equal(given.detach(), x)
+
+
 def test_fp32_region_turns_autocast_off_only_where_it_is_on():
     with fp32_region(torch.device("cpu")):
         assert not torch.is_autocast_enabled("cpu")
