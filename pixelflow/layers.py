@@ -142,8 +142,8 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """The q/k norms take the modules' weights and eps (through :func:`~pixelflow.fused.rms_norm`); on the
         CPU inference path they and the rotation overwrite the fresh projection outputs."""
-        def normed(t: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
-            return rms_norm(as_dtype(t, torch.float32), norm.weight, norm.eps, overwrite=True)
+        def normed(t: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:  # in fp32, returned in x's dtype (published)
+            return as_dtype(rms_norm(as_dtype(t, torch.float32), norm.weight, norm.eps, overwrite=True), x.dtype)
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.unflatten(-1, (self.num_heads, self.head_dim))  # (B, S, H, D)
@@ -153,7 +153,7 @@ class Attention(nn.Module):
         k = heads(normed(self.k_proj(kv), self.k_norm))
         if context is None:
             k = apply_rope(k, *rope, overwrite=True)
-        q, k, v = (as_dtype(t, x.dtype).transpose(1, 2) for t in (q, k, heads(self.v_proj(kv))))  # (B, H, S, D)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, heads(self.v_proj(kv))))  # (B, H, S, D)
         bias = None if context_bias is None else context_bias.to(q.dtype)
         if packing is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)

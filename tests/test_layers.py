@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pixelflow import layers
 from pixelflow.layers import PatchEmbed, fp32_region, gated_residual, modulate, plain_layer_norm, sinusoid
+from pixelflow.rope import apply_rope, rope_pairs
 
 
 def test_sinusoid_is_cosine_first_with_divisor_127():
@@ -75,3 +77,21 @@ def test_plain_layer_norm_is_layer_norm_without_parameters():
     assert out.dtype == torch.float32
     torch.testing.assert_close(plain_layer_norm(x), F.layer_norm(x, (16,), eps=1e-6), rtol=0, atol=0)
     torch.testing.assert_close(out, F.layer_norm(x.bfloat16().float(), (16,), eps=1e-6), rtol=0, atol=0)
+
+
+def test_attention_rotates_the_normed_queries_and_keys_in_the_streams_dtype(monkeypatch):
+    """Under bf16 autocast the published RMSNorm returns its input's dtype, so the rotation starts from
+    bf16-rounded queries and keys; the fp32 path rotates in place."""
+    seen = []
+
+    def recording(x, *tables, overwrite=False):
+        seen.append(x.dtype)
+        return apply_rope(x, *tables, overwrite=overwrite)
+
+    monkeypatch.setattr(layers, "apply_rope", recording)
+    torch.manual_seed(0)
+    attn = layers.Attention(32, 2, 16).eval()
+    x, rope = torch.randn(2, 16, 32), rope_pairs(4, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x.bfloat16(), rope)
+    assert seen == [torch.bfloat16, torch.bfloat16] and out.dtype == torch.bfloat16
