@@ -14,7 +14,7 @@ two forms together.
 RMSNorm from one read. ATen's CPU ``rms_norm`` is composite: a squared copy, its mean, then two products,
 three full-size outputs. :func:`rms_norm` reads the sums of squares with one ``vector_norm`` pass and scales
 once, in place where the caller owns the input: a weighted norm of the quickstart model's (200, 64, 128) took
-3.1 against 1.0 ms alone on 2 threads, and about 2.4 against 1.2 ms inside the network (docs/sampling.md).
+3.1 against 1.0 ms alone on 2 threads, and about 2.4 against 1.3 ms inside the network (docs/sampling.md).
 """
 
 from __future__ import annotations
