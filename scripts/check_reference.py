@@ -1,7 +1,8 @@
 """Check pixelflow against a golden folder of the published implementation's numbers.
 
 Usage: python scripts/check_reference.py --golden tests/data/golden
-Prints one row per check (max abs error, tolerance) and exits 0 only if all pass.
+Prints one row per check (max abs error, bound, measured sensitivity for the Dopri5 rows) and exits 0
+only if all pass.
 """
 
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pixelflow.golden.c2i import main  # noqa: E402
+from pixelflow.golden.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pixelflow.golden.c2i import main
+from pixelflow.golden.cli import main
 from pixelflow.golden.t2i import GoldenT2IFolder, is_t2i_folder
 from tests.conftest import GOLDEN, GOLDEN_T2I
 
