@@ -33,7 +33,7 @@ from torch import nn
 from pixelflow.layers import Attention, PatchEmbed, TransformerBlock
 from pixelflow.packing import Packing
 from pixelflow.precision import as_dtype
-from pixelflow.rope import apply_rope, viewable_as_complex
+from pixelflow.rope import RopeTables, apply_rope, viewable_as_complex
 
 __all__ = ["applies", "patch_embed", "block", "final_norm", "attention",
            "layer_norm", "rms_norm", "modulate_", "rotate_", "linear_gelu_tanh"]
@@ -83,13 +83,13 @@ def modulate_(normed: torch.Tensor, shift: torch.Tensor, factor: torch.Tensor) -
     return torch.addcmul(shift, normed, factor, out=normed)
 
 
-def rotate_(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+def rotate_(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
     """:func:`pixelflow.rope.apply_rope` of float32 ``x``, written into ``x`` itself where its pairs lie aligned
     (any fresh tensor; elsewhere a rotated copy). Use the return value."""
     pairs = x.unflatten(-1, (-1, 2))
     if not viewable_as_complex(pairs):
-        return apply_rope(x, rotation)
-    rotation = rotation.unsqueeze(-2)  # one rotation per token, broadcast over the heads
+        return apply_rope(x, rope)
+    rotation = rope.rotation.unsqueeze(-2)  # one rotation per token, broadcast over the heads
     torch.view_as_complex(pairs).mul_(rotation)
     return x
 
@@ -109,20 +109,20 @@ def patch_embed(embed: PatchEmbed, x: torch.Tensor) -> torch.Tensor:
 
 
 def attention(
-    attn: Attention, x: torch.Tensor, rotation: torch.Tensor,
+    attn: Attention, x: torch.Tensor, rope: RopeTables,
     context: torch.Tensor | None = None, context_bias: torch.Tensor | None = None, packing: Packing | None = None,
 ) -> torch.Tensor:
     """:class:`~pixelflow.layers.Attention`'s forward; the q/k norms and the rotation overwrite the fresh projections."""
     kv = x if context is None else as_dtype(context, x.dtype)
-    q = rotate_(attn.heads(rms_norm(attn.q_proj(x), attn.q_norm.weight, attn.q_norm.eps, in_place=True)), rotation)
+    q = rotate_(attn.heads(rms_norm(attn.q_proj(x), attn.q_norm.weight, attn.q_norm.eps, in_place=True)), rope)
     k = attn.heads(rms_norm(attn.k_proj(kv), attn.k_norm.weight, attn.k_norm.eps, in_place=True))
     if context is None:
-        k = rotate_(k, rotation)
+        k = rotate_(k, rope)
     return attn.attend(q, k, attn.heads(attn.v_proj(kv)), context_bias, packing, cross=context is not None)
 
 
 def block(
-    layer: TransformerBlock, x: torch.Tensor, c: torch.Tensor | None, rotation: torch.Tensor,
+    layer: TransformerBlock, x: torch.Tensor, c: torch.Tensor | None, rope: RopeTables,
     text: torch.Tensor | None = None, text_bias: torch.Tensor | None = None, packing: Packing | None = None,
     modulation: tuple[torch.Tensor, ...] | None = None, *, own_stream: bool,
 ) -> torch.Tensor:
@@ -131,10 +131,10 @@ def block(
     overwritten either way, never ``x`` without ``own_stream``."""
     modulation = layer.factors(c, packing) if modulation is None else modulation
     shift_msa, factor_msa, gate_msa, shift_mlp, factor_mlp, gate_mlp = modulation
-    y = attention(layer.attn1, modulate_(layer_norm(x), shift_msa, factor_msa), rotation, packing=packing)
+    y = attention(layer.attn1, modulate_(layer_norm(x), shift_msa, factor_msa), rope, packing=packing)
     x = x.addcmul_(gate_msa, y) if own_stream else torch.addcmul(x, gate_msa, y)
     if text is not None:
-        x = x + attention(layer.attn2, layer.norm2(x), rotation, text, text_bias, packing)
+        x = x + attention(layer.attn2, layer.norm2(x), rope, text, text_bias, packing)
     h = modulate_(rms_norm(x, None, layer.norm3.eps, in_place=False), shift_mlp, factor_mlp)
     return x.addcmul_(gate_mlp, layer.mlp.fc2(linear_gelu_tanh(h, layer.mlp.fc1)))
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from pixelflow.packing import Packing, per_token
 from pixelflow.precision import as_dtype
-from pixelflow.rope import apply_rope
+from pixelflow.rope import RopeTables, apply_rope
 
 __all__ = ["fp32_region", "sinusoid", "layer_norm", "rms_norm", "modulate", "gated_residual", "ScalarEmbedder",
            "ClassEmbedder", "PatchEmbed", "Attention", "FeedForward", "AdaLNModulation", "TransformerBlock"]
@@ -108,7 +108,7 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with a whole-width RMS QK-norm and 2D RoPE (``rotation``: :func:`~pixelflow.rope.rope_pairs`).
+    """Multi-head attention with a whole-width RMS QK-norm and 2D RoPE (``rope``: :func:`~pixelflow.rope.rope_pairs`).
 
     Self-attention (``context=None``) rotates queries and keys; cross-attention to ``context``
     (B, L, ``context_dim``) rotates the queries only (keys are text positions) and adds
@@ -127,17 +127,17 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(inner, eps=1e-6)
 
     def forward(
-        self, x: torch.Tensor, rotation: torch.Tensor,
+        self, x: torch.Tensor, rope: RopeTables,
         context: torch.Tensor | None = None, context_bias: torch.Tensor | None = None, packing: Packing | None = None,
     ) -> torch.Tensor:
         def normed(t: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:  # in fp32, returned in x's dtype (published)
             return as_dtype(norm(as_dtype(t, torch.float32)), x.dtype)
 
         kv = x if context is None else as_dtype(context, x.dtype)
-        q = apply_rope(self.heads(normed(self.q_proj(x), self.q_norm)), rotation)
+        q = apply_rope(self.heads(normed(self.q_proj(x), self.q_norm)), rope)
         k = self.heads(normed(self.k_proj(kv), self.k_norm))
         if context is None:
-            k = apply_rope(k, rotation)
+            k = apply_rope(k, rope)
         return self.attend(q, k, self.heads(self.v_proj(kv)), context_bias, packing, cross=context is not None)
 
     def heads(self, t: torch.Tensor) -> torch.Tensor:
@@ -205,7 +205,7 @@ class TransformerBlock(nn.Module):
         return shift_msa, 1 + scale_msa, gate_msa, shift_mlp, (1 + scale_mlp) * self.norm3.weight.float(), gate_mlp
 
     def forward(
-        self, x: torch.Tensor, c: torch.Tensor | None, rotation: torch.Tensor,
+        self, x: torch.Tensor, c: torch.Tensor | None, rope: RopeTables,
         text: torch.Tensor | None = None, text_bias: torch.Tensor | None = None, packing: Packing | None = None,
         modulation: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
@@ -213,8 +213,8 @@ class TransformerBlock(nn.Module):
         modulation = self.factors(c, packing) if modulation is None else modulation
         shift_msa, factor_msa, gate_msa, shift_mlp, factor_mlp, gate_mlp = modulation
         h = modulate(layer_norm(x), shift_msa, factor_msa)
-        x = gated_residual(x, gate_msa, self.attn1(as_dtype(h, x.dtype), rotation, packing=packing))
+        x = gated_residual(x, gate_msa, self.attn1(as_dtype(h, x.dtype), rope, packing=packing))
         if text is not None:
-            x = x + self.attn2(as_dtype(self.norm2(as_dtype(x, torch.float32)), x.dtype), rotation, text, text_bias, packing)
+            x = x + self.attn2(as_dtype(self.norm2(as_dtype(x, torch.float32)), x.dtype), rope, text, text_bias, packing)
         h = modulate(rms_norm(x, self.norm3.eps), shift_mlp, factor_mlp)
         return gated_residual(x, gate_mlp, self.mlp(as_dtype(h, x.dtype)))

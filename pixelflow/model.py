@@ -26,7 +26,7 @@ from pixelflow import cpu_inference
 from pixelflow.layers import ClassEmbedder, PatchEmbed, ScalarEmbedder, TransformerBlock, fp32_region, layer_norm, modulate
 from pixelflow.packing import Packing, per_token
 from pixelflow.precision import as_dtype
-from pixelflow.rope import rope_pairs
+from pixelflow.rope import RopeTables, rope_pairs
 
 __all__ = ["PixelFlowTransformer", "Modulation", "PIXELFLOW_CONFIGS", "build_model"]
 
@@ -222,8 +222,8 @@ class PixelFlowTransformer(nn.Module):
         x = as_dtype(x, self.patch_embed.proj.weight.dtype)
         fast = cpu_inference.applies(x)  # this call's one choice of kernels
         tokens = self._patchify(x, fast)
-        rotation = rope_pairs(grid, self.head_dim, self.rope_theta, x.device)
-        h, blocks = self._trunk(tokens, c, rotation, text_states, _text_bias(text_mask), None, fast,
+        rope = rope_pairs(grid, self.head_dim, self.rope_theta, x.device)
+        h, blocks = self._trunk(tokens, c, rope, text_states, _text_bias(text_mask), None, fast,
                                 return_intermediates, modulation)
         out = self._unpatchify(self._head(h, c, None, fast, modulation), grid)
         if return_intermediates:
@@ -252,8 +252,9 @@ class PixelFlowTransformer(nn.Module):
         xs = [as_dtype(x, self.patch_embed.proj.weight.dtype) for x in xs]
         fast = cpu_inference.applies(xs[0])  # this call's one choice of kernels
         tokens = torch.cat([self._patchify(x, fast).flatten(0, 1) for x in xs])[None]
-        rotation = torch.cat([rope_pairs(g, self.head_dim, self.rope_theta, device).repeat(b, 1) for g, b in zip(grids, batches)])
-        h, _ = self._trunk(tokens, c, rotation, text_states, _text_bias(text_mask), packing, fast)
+        tables = [rope_pairs(g, self.head_dim, self.rope_theta, device) for g in grids]
+        rope = RopeTables(*(torch.cat([table.repeat(b, 1) for table, b in zip(per_stage, batches)]) for per_stage in zip(*tables)))
+        h, _ = self._trunk(tokens, c, rope, text_states, _text_bias(text_mask), packing, fast)
         out = self._head(h, c, packing, fast)[0].split([b * g * g for b, g in zip(batches, grids)])
         return [self._unpatchify(o.unflatten(0, (b, g * g)), g) for o, b, g in zip(out, batches, grids)]
 
@@ -267,7 +268,7 @@ class PixelFlowTransformer(nn.Module):
     def _patchify(self, x: torch.Tensor, fast: bool) -> torch.Tensor:
         return cpu_inference.patch_embed(self.patch_embed, x) if fast else self.patch_embed(x)
 
-    def _trunk(self, h: torch.Tensor, c: torch.Tensor | None, rotation: torch.Tensor, text_states, text_bias,
+    def _trunk(self, h: torch.Tensor, c: torch.Tensor | None, rope: RopeTables, text_states, text_bias,
                packing: Packing | None, fast: bool, keep: bool = False,
                modulation: Modulation | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The transformer blocks; with ``keep`` also every block's output. Without it the CPU inference path
@@ -276,11 +277,11 @@ class PixelFlowTransformer(nn.Module):
         for i, block in enumerate(self.transformer_blocks):
             vectors = None if modulation is None else modulation.blocks[i]
             if fast:
-                h = cpu_inference.block(block, h, c, rotation, text_states, text_bias, packing, vectors, own_stream=not keep)
+                h = cpu_inference.block(block, h, c, rope, text_states, text_bias, packing, vectors, own_stream=not keep)
             elif self.gradient_checkpointing and self.training:
-                h = checkpoint(block, h, c, rotation, text_states, text_bias, packing, vectors, use_reentrant=False)
+                h = checkpoint(block, h, c, rope, text_states, text_bias, packing, vectors, use_reentrant=False)
             else:
-                h = block(h, c, rotation, text_states, text_bias, packing, vectors)
+                h = block(h, c, rope, text_states, text_bias, packing, vectors)
             if keep:
                 outputs.append(h)
         return h, outputs

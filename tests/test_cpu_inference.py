@@ -10,7 +10,7 @@ from pixelflow import cpu_inference, layers
 from pixelflow.layers import Attention, PatchEmbed, TransformerBlock
 from pixelflow.model import build_model
 from pixelflow.packing import Packing
-from pixelflow.rope import apply_rope, rope_pairs
+from pixelflow.rope import RopeTables, apply_rope, rope_pairs
 
 needs_onednn = pytest.mark.skipif(cpu_inference._LINEAR_POINTWISE is None, reason="this PyTorch has no oneDNN linear")
 MODELS = ["Test/2", "T2I-Test/2"]
@@ -135,14 +135,14 @@ def test_modulate_and_rotate_write_the_plain_values_into_their_input():
     given = normed.clone()
     assert cpu_inference.modulate_(given, shift, factor) is given and torch.equal(given, expected)
 
-    rotation, x = rope_pairs(grid=4, head_dim=8), torch.randn(3, 16, 2, 8)
-    expected = apply_rope(x, rotation)
+    rope, x = rope_pairs(grid=4, head_dim=8), torch.randn(3, 16, 2, 8)
+    expected = apply_rope(x, rope)
     given = x.clone()
-    assert cpu_inference.rotate_(given, rotation) is given and torch.equal(given, expected)
+    assert cpu_inference.rotate_(given, rope) is given and torch.equal(given, expected)
     odd = torch.randn(1, 3 * 16 * 2 * 8 + 1)[:, 1:].view(3, 16, 2, 8)  # pairs not aligned in memory
     before = odd.clone()
-    out = cpu_inference.rotate_(odd, rotation)  # a rotated copy, the input untouched
-    assert out is not odd and torch.equal(odd, before) and torch.equal(out, apply_rope(before, rotation))
+    out = cpu_inference.rotate_(odd, rope)  # a rotated copy, the input untouched
+    assert out is not odd and torch.equal(odd, before) and torch.equal(out, apply_rope(before, rope))
 
 
 @needs_onednn
@@ -171,18 +171,18 @@ def test_patch_matmul_is_the_convolution(patch):
 
 
 def _layer_inputs(packed: bool, text: bool):
-    """Stream, rotation, text states and bias, packing for a 2-head width-32 layer: two samples of 16 tokens, or
+    """Stream, RoPE tables, text states and bias, packing for a 2-head width-32 layer: two samples of 16 tokens, or
     a packed row of two segments (one 1-token sample, two 16-token samples)."""
     g = torch.Generator().manual_seed(2)
     if packed:
         packing = Packing.of((1, 2), (1, 16))
-        rotation = torch.cat([rope_pairs(1, 16), rope_pairs(4, 16).repeat(2, 1)])
+        rope = RopeTables(*(torch.cat([one, grid.repeat(2, 1)]) for one, grid in zip(rope_pairs(1, 16), rope_pairs(4, 16))))
         x, rows = torch.randn(1, 33, 32, generator=g), 3
     else:
-        packing, rotation, x, rows = None, rope_pairs(4, 16), torch.randn(2, 16, 32, generator=g), 2
+        packing, rope, x, rows = None, rope_pairs(4, 16), torch.randn(2, 16, 32, generator=g), 2
     states = torch.randn(rows, 5, 24, generator=g) if text else None
     bias = ((torch.arange(5) >= torch.tensor([[5], [2], [3]][:rows])) * -10000.0)[:, None, None, :] if text else None
-    return x, rotation, states, bias, packing
+    return x, rope, states, bias, packing
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -193,11 +193,11 @@ def test_attention_is_the_module_forward(cross, packed):
     with torch.no_grad():
         attn.q_norm.weight.uniform_(0.5, 1.5)
         attn.k_norm.weight.uniform_(0.5, 1.5)
-    x, rotation, states, bias, packing = _layer_inputs(packed, cross)
+    x, rope, states, bias, packing = _layer_inputs(packed, cross)
     given = x.clone()
     with torch.no_grad():
-        out = cpu_inference.attention(attn, x, rotation, states, bias, packing)
-        ref = attn(x, rotation, states, bias, packing)
+        out = cpu_inference.attention(attn, x, rope, states, bias, packing)
+        ref = attn(x, rope, states, bias, packing)
     assert torch.equal(x, given)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
@@ -211,13 +211,13 @@ def test_block_is_the_module_forward_and_writes_its_stream_only_when_owned(own_s
     with torch.no_grad():
         for p in block.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    x, rotation, states, bias, packing = _layer_inputs(packed, text)
+    x, rope, states, bias, packing = _layer_inputs(packed, text)
     c = torch.randn(3 if packed else 2, 32)
     given = x.clone()
     with torch.no_grad():
-        ref = block(x, c, rotation, states, bias, packing)
+        ref = block(x, c, rope, states, bias, packing)
         modulation = block.factors(c, packing)
-        out = cpu_inference.block(block, x, None, rotation, states, bias, packing, modulation, own_stream=own_stream)
+        out = cpu_inference.block(block, x, None, rope, states, bias, packing, modulation, own_stream=own_stream)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     assert torch.equal(x, given) != own_stream
     assert (out.data_ptr() == x.data_ptr()) == (own_stream and not text)  # the text residual makes a new stream
@@ -278,8 +278,8 @@ def test_kept_intermediates_are_each_blocks_output():
         out, inter = model(x, t, return_intermediates=True, **kw)
         assert torch.equal(model(x, t, **kw), out)
         assert torch.equal(inter["tokens_in"], cpu_inference.patch_embed(model.patch_embed, x))
-        rotation = rope_pairs(8, model.head_dim, model.rope_theta)
+        rope = rope_pairs(8, model.head_dim, model.rope_theta)
         previous = inter["tokens_in"]
         for block, kept in zip(model.transformer_blocks, inter["blocks"], strict=True):
-            assert torch.equal(cpu_inference.block(block, previous.clone(), inter["cond"], rotation, own_stream=True), kept)
+            assert torch.equal(cpu_inference.block(block, previous.clone(), inter["cond"], rope, own_stream=True), kept)
             previous = kept

@@ -82,16 +82,16 @@ def test_attention_rotates_the_normed_queries_and_keys_in_the_streams_dtype(monk
     bf16-rounded queries and keys."""
     seen = []
 
-    def recording(x, rotation):
+    def recording(x, rope):
         seen.append(x.dtype)
-        return apply_rope(x, rotation)
+        return apply_rope(x, rope)
 
     monkeypatch.setattr(layers, "apply_rope", recording)
     torch.manual_seed(0)
     attn = layers.Attention(32, 2, 16).eval()
-    x, rotation = torch.randn(2, 16, 32), rope_pairs(4, 16)
+    x, rope = torch.randn(2, 16, 32), rope_pairs(4, 16)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = attn(x.bfloat16(), rotation)
+        out = attn(x.bfloat16(), rope)
     assert seen == [torch.bfloat16, torch.bfloat16] and out.dtype == torch.bfloat16
 
 
@@ -100,13 +100,13 @@ def test_attention_is_multi_head_attention_of_normed_rotated_heads():
     attn = layers.Attention(32, 2, 16).eval()
     with torch.no_grad():
         attn.q_norm.weight.uniform_(0.5, 1.5)
-    x, rotation = torch.randn(2, 16, 32), rope_pairs(4, 16)
+    x, rope = torch.randn(2, 16, 32), rope_pairs(4, 16)
 
     def heads(t):  # (B, S, H * D) -> (B, H, S, D)
         return t.unflatten(-1, (2, 16)).transpose(1, 2)
 
-    q = apply_rope(attn.q_norm(attn.q_proj(x)).unflatten(-1, (2, 16)), rotation).transpose(1, 2)
-    k = apply_rope(attn.k_norm(attn.k_proj(x)).unflatten(-1, (2, 16)), rotation).transpose(1, 2)
+    q = apply_rope(attn.q_norm(attn.q_proj(x)).unflatten(-1, (2, 16)), rope).transpose(1, 2)
+    k = apply_rope(attn.k_norm(attn.k_proj(x)).unflatten(-1, (2, 16)), rope).transpose(1, 2)
     weights = torch.softmax(q @ k.transpose(-1, -2) / 16**0.5, dim=-1)
     expected = attn.o_proj((weights @ heads(attn.v_proj(x))).transpose(1, 2).flatten(2))
-    torch.testing.assert_close(attn(x, rotation), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attn(x, rope), expected, rtol=1e-5, atol=1e-6)

@@ -28,20 +28,29 @@ def real_rotation(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 def test_complex_rope_is_the_real_formula_to_float_rounding_on_any_layout():
     cos, sin = rope_2d(grid=4, head_dim=8)
-    rotation = rope_pairs(grid=4, head_dim=8)
+    rope = rope_pairs(grid=4, head_dim=8)
     for x in (torch.randn(3, 16, 2, 8), torch.randn(3, 2, 16, 8).transpose(1, 2), torch.randn(3, 16, 2, 16)[..., ::2]):
-        assert (apply_rope(x, rotation) - real_rotation(x, cos, sin)).abs().max() <= 4 * torch.finfo(torch.float32).eps * x.abs().max()
+        assert (apply_rope(x, rope) - real_rotation(x, cos, sin)).abs().max() <= 4 * torch.finfo(torch.float32).eps * x.abs().max()
     odd = torch.randn(1, 2 * 16 * 8 + 1)[:, 1:].view(1, 16, 2, 8)  # pairs not aligned in memory
-    assert torch.allclose(apply_rope(odd, rotation), apply_rope(odd.clone(), rotation), atol=0)
+    assert torch.allclose(apply_rope(odd, rope), apply_rope(odd.clone(), rope), atol=0)
 
 
-def test_the_cached_table_is_cos_plus_i_sin_of_each_pair_built_once():
+def test_the_compiled_form_is_the_real_formula(monkeypatch):
+    """Traced by torch.compile the rotation is real-valued (inductor has no complex codegen); checked here eagerly."""
     cos, sin = rope_2d(grid=4, head_dim=8)
-    rotation = rope_pairs(grid=4, head_dim=8)
-    assert rotation.dtype == torch.complex64 and rotation.shape == (16, 4)
-    assert torch.equal(rotation.real, cos[:, ::2]) and torch.equal(rotation.imag, sin[:, ::2])
+    x = torch.randn(3, 16, 2, 8)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(apply_rope(x, rope_pairs(grid=4, head_dim=8)), real_rotation(x, cos, sin))
+
+
+def test_the_cached_tables_are_each_pairs_angle_built_once():
+    cos, sin = rope_2d(grid=4, head_dim=8)
+    tables = rope_pairs(grid=4, head_dim=8)
+    assert tables.rotation.dtype == torch.complex64 and tables.rotation.shape == tables.cos.shape == (16, 4)
+    assert torch.equal(tables.cos, cos[:, ::2]) and torch.equal(tables.sin, sin[:, ::2])
     assert torch.equal(cos[:, ::2], cos[:, 1::2])  # the two channels of a pair share an angle
-    assert rope_pairs(grid=4, head_dim=8) is rotation  # built once, not per layer call
+    assert torch.equal(tables.rotation.real, tables.cos) and torch.equal(tables.rotation.imag, tables.sin)
+    assert rope_pairs(grid=4, head_dim=8) is tables  # built once, not per layer call
 
 
 def test_rotation_leaves_its_input_and_returns_the_inputs_dtype():
