@@ -2,7 +2,9 @@
 
 Module and parameter names follow the published layout, so :class:`pixelflow.model.PixelFlowTransformer`
 built from them loads the released state_dicts key for key. The conditioning maths (embedders, adaLN
-modulations) runs in fp32 even under autocast.
+modulations), the norms and the rotation run in fp32 even under autocast, as in the published model.
+These forwards are the method as written; :mod:`pixelflow.cpu_inference` runs the same maths with CPU
+inference kernels where the model's forward chooses them.
 """
 
 from __future__ import annotations
@@ -15,13 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pixelflow.fused import cpu_inference, linear_gelu_tanh, rms_norm
 from pixelflow.packing import Packing, per_token
 from pixelflow.precision import as_dtype
-from pixelflow.rope import apply_rope
+from pixelflow.rope import RopeTables, apply_rope
 
-__all__ = ["fp32_region", "sinusoid", "plain_layer_norm", "modulate", "gated_residual", "ScalarEmbedder", "ClassEmbedder", "PatchEmbed",
-           "Attention", "FeedForward", "AdaLNModulation", "TransformerBlock"]
+__all__ = ["fp32_region", "sinusoid", "layer_norm", "rms_norm", "modulate", "gated_residual", "ScalarEmbedder",
+           "ClassEmbedder", "PatchEmbed", "Attention", "FeedForward", "AdaLNModulation", "TransformerBlock"]
 
 
 def fp32_region(device: torch.device):
@@ -44,36 +45,29 @@ def sinusoid(values: torch.Tensor, dim: int = 256, max_period: float = 10000.0) 
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-@lru_cache(maxsize=8)
-@torch.inference_mode(False)
-def _ones(width: int, device: torch.device) -> torch.Tensor:
-    return torch.ones(width, device=device)
-
-
-def plain_layer_norm(x: torch.Tensor) -> torch.Tensor:
-    """LayerNorm over the last dimension without learned parameters (eps 1e-6), in fp32.
-
-    On the CPU it passes a weight of ones (exact: x * 1): ATen's CPU kernel with a weight runs in about 60%
-    of the time of the one without, on this model's shapes.
-    """
+def layer_norm(x: torch.Tensor) -> torch.Tensor:
+    """LayerNorm over the last dimension without learned parameters (eps 1e-6), in fp32."""
     x = as_dtype(x, torch.float32)
-    weight = _ones(x.shape[-1], x.device) if x.device.type == "cpu" else None
-    return F.layer_norm(x, x.shape[-1:], weight, eps=1e-6)
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6)
 
 
-def modulate(normed: torch.Tensor, shift: torch.Tensor, factor: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
-    """adaLN with its scale as a factor, ``factor`` = 1 + scale: normed * factor + shift, as one fused multiply-add;
-    written into ``normed`` with ``overwrite`` where :func:`~pixelflow.fused.cpu_inference` holds (for a fresh
-    tensor the caller owns; use the return value)."""
-    out = normed if overwrite and cpu_inference(normed) else None
-    return torch.addcmul(shift, normed, factor, out=out)
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dimension without a weight, in fp32 (the block folds the MLP norm's weight into
+    its modulation factor)."""
+    x = as_dtype(x, torch.float32)
+    return F.rms_norm(x, x.shape[-1:], eps=eps)
 
 
-def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
-    """x + gate * y in x's dtype: one fused multiply-add where the dtypes agree (no autocast); added into ``x``
-    itself with ``overwrite`` where :func:`~pixelflow.fused.cpu_inference` holds (use the return value)."""
+def modulate(normed: torch.Tensor, shift: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """adaLN with its scale as a factor, ``factor`` = 1 + scale: normed * factor + shift, one fused multiply-add."""
+    return torch.addcmul(shift, normed, factor)
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + gate * y in x's dtype: one fused multiply-add where the dtypes agree (under autocast a bf16 branch
+    meets an fp32 gate, and the stream keeps its dtype)."""
     if x.dtype == gate.dtype == y.dtype:
-        return x.addcmul_(gate, y) if overwrite and cpu_inference(x) else torch.addcmul(x, gate, y)
+        return torch.addcmul(x, gate, y)
     return x + (gate * y).to(x.dtype)
 
 
@@ -110,10 +104,6 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_inference(x):  # the same sums as one matmul over the patches: fewer, faster kernels on the CPU
-            # pixel_unshuffle orders a patch's values (channel, row, column), as the flattened kernel is
-            patches = F.pixel_unshuffle(x, self.proj.kernel_size[0]).flatten(2).transpose(1, 2)
-            return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
@@ -137,28 +127,32 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(inner, eps=1e-6)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, ...],
+        self, x: torch.Tensor, rope: RopeTables,
         context: torch.Tensor | None = None, context_bias: torch.Tensor | None = None, packing: Packing | None = None,
     ) -> torch.Tensor:
-        """The q/k norms take the modules' weights and eps (through :func:`~pixelflow.fused.rms_norm`); on the
-        CPU inference path they and the rotation overwrite the fresh projection outputs."""
         def normed(t: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:  # in fp32, returned in x's dtype (published)
-            return as_dtype(rms_norm(as_dtype(t, torch.float32), norm.weight, norm.eps, overwrite=True), x.dtype)
-
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.unflatten(-1, (self.num_heads, self.head_dim))  # (B, S, H, D)
+            return as_dtype(norm(as_dtype(t, torch.float32)), x.dtype)
 
         kv = x if context is None else as_dtype(context, x.dtype)
-        q = apply_rope(heads(normed(self.q_proj(x), self.q_norm)), *rope, overwrite=True)
-        k = heads(normed(self.k_proj(kv), self.k_norm))
+        q = apply_rope(self.heads(normed(self.q_proj(x), self.q_norm)), rope)
+        k = self.heads(normed(self.k_proj(kv), self.k_norm))
         if context is None:
-            k = apply_rope(k, *rope, overwrite=True)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, heads(self.v_proj(kv))))  # (B, H, S, D)
+            k = apply_rope(k, rope)
+        return self.attend(q, k, self.heads(self.v_proj(kv)), context_bias, packing, cross=context is not None)
+
+    def heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, S, H * D) projections as (B, S, H, D) heads."""
+        return t.unflatten(-1, (self.num_heads, self.head_dim))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_bias: torch.Tensor | None,
+               packing: Packing | None, cross: bool) -> torch.Tensor:
+        """Scaled dot-product attention of (B, S, H, D) heads (within each sample of a ``packing``), projected out."""
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
         bias = None if context_bias is None else context_bias.to(q.dtype)
         if packing is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
-            out = packing.attention(q, k, v, bias, cross=context is not None)
+            out = packing.attention(q, k, v, bias, cross=cross)
         return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
@@ -169,7 +163,7 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(hidden * mult, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(linear_gelu_tanh(x, self.fc1))
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class AdaLNModulation(nn.Module):
@@ -211,18 +205,16 @@ class TransformerBlock(nn.Module):
         return shift_msa, 1 + scale_msa, gate_msa, shift_mlp, (1 + scale_mlp) * self.norm3.weight.float(), gate_mlp
 
     def forward(
-        self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, ...],
+        self, x: torch.Tensor, c: torch.Tensor | None, rope: RopeTables,
         text: torch.Tensor | None = None, text_bias: torch.Tensor | None = None, packing: Packing | None = None,
-        modulation: tuple[torch.Tensor, ...] | None = None, overwrite: bool = False,
+        modulation: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
-        """``modulation``: this block's :meth:`factors` computed ahead from ``c`` (then ``c`` is not read).
-        ``overwrite``: the residual stream is updated in ``x`` itself on the CPU inference path (for an ``x`` the
-        caller no longer needs; use the return value). The block's own temporaries are overwritten there either way."""
+        """``modulation``: this block's :meth:`factors` computed ahead from ``c`` (then ``c`` is not read)."""
         modulation = self.factors(c, packing) if modulation is None else modulation
         shift_msa, factor_msa, gate_msa, shift_mlp, factor_mlp, gate_mlp = modulation
-        h = modulate(plain_layer_norm(x), shift_msa, factor_msa, overwrite=True)
-        x = gated_residual(x, gate_msa, self.attn1(as_dtype(h, x.dtype), rope, packing=packing), overwrite=overwrite)
+        h = modulate(layer_norm(x), shift_msa, factor_msa)
+        x = gated_residual(x, gate_msa, self.attn1(as_dtype(h, x.dtype), rope, packing=packing))
         if text is not None:
             x = x + self.attn2(as_dtype(self.norm2(as_dtype(x, torch.float32)), x.dtype), rope, text, text_bias, packing)
-        h = modulate(rms_norm(as_dtype(x, torch.float32), None, self.norm3.eps), shift_mlp, factor_mlp, overwrite=True)
-        return gated_residual(x, gate_mlp, self.mlp(as_dtype(h, x.dtype)), overwrite=True)
+        h = modulate(rms_norm(x, self.norm3.eps), shift_mlp, factor_mlp)
+        return gated_residual(x, gate_mlp, self.mlp(as_dtype(h, x.dtype)))

@@ -6,6 +6,10 @@ Weight-for-weight compatible with the released ImageNet-256 "XL/4" checkpoint an
 text-to-image layout: the module tree below (its layers in :mod:`pixelflow.layers`) reproduces their state_dict key names (see
 ``tests/data/*manifest.json`` and ``tests/data/golden_t2i/model_config.json``).
 Named sizes live in :data:`PIXELFLOW_CONFIGS`; build one with :func:`build_model`.
+
+Each forward decides once, through :func:`pixelflow.cpu_inference.applies`, whether it runs the layers'
+own forwards (training, autocast, other devices, compiled graphs) or the same maths with the CPU
+inference kernels of :mod:`pixelflow.cpu_inference`.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pixelflow.layers import ClassEmbedder, PatchEmbed, ScalarEmbedder, TransformerBlock, fp32_region, modulate, plain_layer_norm
+from pixelflow import cpu_inference
+from pixelflow.layers import ClassEmbedder, PatchEmbed, ScalarEmbedder, TransformerBlock, fp32_region, layer_norm, modulate
 from pixelflow.packing import Packing, per_token
 from pixelflow.precision import as_dtype
-from pixelflow.rope import rope_pairs
+from pixelflow.rope import RopeTables, rope_pairs
 
 __all__ = ["PixelFlowTransformer", "Modulation", "PIXELFLOW_CONFIGS", "build_model"]
 
@@ -214,10 +219,13 @@ class PixelFlowTransformer(nn.Module):
         else:
             self._check_modulation(modulation, timestep, batch)
             c = None
-        tokens = self._patchify(x)
+        x = as_dtype(x, self.patch_embed.proj.weight.dtype)
+        fast = cpu_inference.applies(x)  # this call's one choice of kernels
+        tokens = self._patchify(x, fast)
         rope = rope_pairs(grid, self.head_dim, self.rope_theta, x.device)
-        h, blocks = self._trunk(tokens, c, rope, text_states, _text_bias(text_mask), None, return_intermediates, modulation)
-        out = self._unpatchify(self._head(h, c, None, modulation), grid)
+        h, blocks = self._trunk(tokens, c, rope, text_states, _text_bias(text_mask), None, fast,
+                                return_intermediates, modulation)
+        out = self._unpatchify(self._head(h, c, None, fast, modulation), grid)
         if return_intermediates:
             return out, {"tokens_in": tokens, "cond": c, "blocks": blocks}
         return out
@@ -241,11 +249,13 @@ class PixelFlowTransformer(nn.Module):
         sides = torch.tensor([g for g, b in zip(grids, batches) for _ in range(b)], device=device)  # r per sample
         c = self.condition(timestep, class_labels, sides, sum(batches), device)
         packing = Packing.of(tuple(batches), tuple(g * g for g in grids), device)
-        tokens = torch.cat([self._patchify(x).flatten(0, 1) for x in xs])[None]
+        xs = [as_dtype(x, self.patch_embed.proj.weight.dtype) for x in xs]
+        fast = cpu_inference.applies(xs[0])  # this call's one choice of kernels
+        tokens = torch.cat([self._patchify(x, fast).flatten(0, 1) for x in xs])[None]
         tables = [rope_pairs(g, self.head_dim, self.rope_theta, device) for g in grids]
-        rope = tuple(torch.cat([table.repeat(b, 1) for table, b in zip(per_stage, batches)]) for per_stage in zip(*tables))
-        h, _ = self._trunk(tokens, c, rope, text_states, _text_bias(text_mask), packing)
-        out = self._head(h, c, packing)[0].split([b * g * g for b, g in zip(batches, grids)])
+        rope = RopeTables(*(torch.cat([table.repeat(b, 1) for table, b in zip(per_stage, batches)]) for per_stage in zip(*tables)))
+        h, _ = self._trunk(tokens, c, rope, text_states, _text_bias(text_mask), packing, fast)
+        out = self._head(h, c, packing, fast)[0].split([b * g * g for b, g in zip(batches, grids)])
         return [self._unpatchify(o.unflatten(0, (b, g * g)), g) for o, b, g in zip(out, batches, grids)]
 
     def _grid(self, x: torch.Tensor) -> int:
@@ -255,21 +265,23 @@ class PixelFlowTransformer(nn.Module):
             raise ValueError(f"input must be (B, C, s, s), square with side divisible by patch size {p}, got {tuple(x.shape)}")
         return height // p
 
-    def _patchify(self, x: torch.Tensor) -> torch.Tensor:
-        return self.patch_embed(as_dtype(x, self.patch_embed.proj.weight.dtype))
+    def _patchify(self, x: torch.Tensor, fast: bool) -> torch.Tensor:
+        return cpu_inference.patch_embed(self.patch_embed, x) if fast else self.patch_embed(x)
 
-    def _trunk(self, h: torch.Tensor, c: torch.Tensor | None, rope: tuple[torch.Tensor, ...], text_states, text_bias,
-               packing: Packing | None, keep: bool = False,
+    def _trunk(self, h: torch.Tensor, c: torch.Tensor | None, rope: RopeTables, text_states, text_bias,
+               packing: Packing | None, fast: bool, keep: bool = False,
                modulation: Modulation | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The transformer blocks; with ``keep`` also every block's output. Without it the stream ``h`` (the
-        caller's fresh patch tokens) is updated in place on the CPU inference path."""
+        """The transformer blocks; with ``keep`` also every block's output. Without it the CPU inference path
+        updates the stream ``h`` (the caller's fresh patch tokens) in place."""
         outputs = []
         for i, block in enumerate(self.transformer_blocks):
             vectors = None if modulation is None else modulation.blocks[i]
-            if self.gradient_checkpointing and self.training:
+            if fast:
+                h = cpu_inference.block(block, h, c, rope, text_states, text_bias, packing, vectors, own_stream=not keep)
+            elif self.gradient_checkpointing and self.training:
                 h = checkpoint(block, h, c, rope, text_states, text_bias, packing, vectors, use_reentrant=False)
             else:
-                h = block(h, c, rope, text_states, text_bias, packing, vectors, overwrite=not keep)
+                h = block(h, c, rope, text_states, text_bias, packing, vectors)
             if keep:
                 outputs.append(h)
         return h, outputs
@@ -280,11 +292,11 @@ class PixelFlowTransformer(nn.Module):
         shift, scale = per_token(modulation, packing).chunk(2, dim=-1)
         return shift, 1 + scale
 
-    def _head(self, h: torch.Tensor, c: torch.Tensor | None, packing: Packing | None,
+    def _head(self, h: torch.Tensor, c: torch.Tensor | None, packing: Packing | None, fast: bool,
               modulation: Modulation | None = None) -> torch.Tensor:
         """Final adaLN LayerNorm and projection to patch pixels."""
         shift, factor = self._head_modulation(c, packing) if modulation is None else modulation.head
-        h32 = modulate(plain_layer_norm(h), shift, factor, overwrite=True)
+        h32 = cpu_inference.final_norm(h, shift, factor) if fast else modulate(layer_norm(h), shift, factor)
         return self.proj_out_2(as_dtype(h32, h.dtype))
 
     def _unpatchify(self, out: torch.Tensor, grid: int) -> torch.Tensor:

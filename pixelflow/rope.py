@@ -1,19 +1,22 @@
 """2D rotary position embedding of the PixelFlow transformer.
 
 Channel pairs of a head rotate by angles of the token's column (first half of the head) and row
-(second half), with the published frequencies theta^(-4j / head_dim).
+(second half), with the published frequencies theta^(-4j / head_dim). A pair (a, b) read as the
+complex number a + ib rotates by one product with e^(i angle): (a cos - b sin, b cos + a sin), the
+published real-valued formula, to float rounding; the complex product is one kernel where the real
+form takes several, in training and sampling alike.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 
-from pixelflow.fused import cpu_inference
 from pixelflow.precision import as_dtype
 
-__all__ = ["rope_2d", "rope_pairs", "apply_rope"]
+__all__ = ["RopeTables", "rope_2d", "rope_pairs", "apply_rope", "viewable_as_complex"]
 
 
 @lru_cache(maxsize=32)
@@ -33,44 +36,49 @@ def rope_2d(grid: int, head_dim: int, theta: float = 10000.0, device: torch.devi
     return _rope_tables(grid, head_dim, theta, torch.device(device))
 
 
+class RopeTables(NamedTuple):
+    """:func:`rope_2d` once per channel pair, each (tokens, head_dim / 2): the angle's cos and sin, and the
+    rotation e^(i angle) = cos + i sin as one complex table."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    rotation: torch.Tensor
+
+
 @lru_cache(maxsize=32)
 @torch.inference_mode(False)
-def _pair_tables(grid: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, ...]:
+def _pair_tables(grid: int, head_dim: int, theta: float, device: torch.device) -> RopeTables:
     cos, sin = _rope_tables(grid, head_dim, theta, device)
     cos, sin = cos[:, ::2], sin[:, ::2]
-    return cos, sin, torch.complex(cos, sin)
+    return RopeTables(cos, sin, torch.complex(cos, sin))
 
 
-def rope_pairs(grid: int, head_dim: int, theta: float = 10000.0, device: torch.device | str = "cpu"):
-    """:func:`rope_2d` once per pair of channels: (cos, sin, cos + i sin), each (grid*grid, head_dim / 2).
-
-    The complex table is what the eager rotation multiplies by, built once here rather than in every layer.
-    """
+def rope_pairs(grid: int, head_dim: int, theta: float = 10000.0, device: torch.device | str = "cpu") -> RopeTables:
+    """The :class:`RopeTables` of a token grid, built once per grid rather than in every layer."""
     return _pair_tables(grid, head_dim, theta, torch.device(device))
 
 
-def apply_rope(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotation: torch.Tensor | None = None, *, overwrite: bool = False,
-) -> torch.Tensor:
-    """Rotate interleaved pairs (a, b) -> (a cos - b sin, b cos + a sin); x is (B, S, H, D), tokens then heads,
-    as the projections lay them out; cos/sin (S, D / 2), the same for every head.
+def viewable_as_complex(pairs: torch.Tensor) -> bool:
+    """Whether ``view_as_complex`` can read these (..., 2) float pairs where they lie: each pair adjacent and
+    aligned in memory, as in any fresh tensor."""
+    return (pairs.stride(-1) == 1 and pairs.storage_offset() % 2 == 0
+            and all(stride % 2 == 0 for stride in pairs.stride()[:-1]))
 
-    Eager: one complex product by ``rotation`` = cos + i sin (formed here when not given; the same formula to
-    float rounding, 3-10x faster on CPU than the real-valued form), into ``x`` itself with ``overwrite`` where
-    :func:`~pixelflow.fused.cpu_inference` holds (for a fresh float32 tensor the caller owns; use the return
-    value). Under torch.compile: the real-valued form, which inductor fuses (it does not generate code for
-    complex operators).
+
+def apply_rope(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+    """Rotate the interleaved channel pairs of ``x`` (B, S, H, D), tokens then heads as the projections lay them out,
+    by the angles of ``rope`` (S, D / 2 each), the same for every head. In fp32, returned in x's dtype.
+
+    A graph ``torch.compile`` traces takes the real-valued form, which inductor fuses with the q/k norm
+    before it; it generates no code for complex operators, and reading a tensor's memory layout (the
+    alignment ``view_as_complex`` needs) would break the graph.
     """
     pairs = as_dtype(x, torch.float32).unflatten(-1, (-1, 2))
     if torch.compiler.is_compiling():
         a, b = pairs.unbind(-1)
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-        return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2).to(x.dtype)
-    aligned = pairs.storage_offset() % 2 == 0 and all(stride % 2 == 0 for stride in pairs.stride()[:-1])
-    if not aligned:
-        pairs = pairs.clone(memory_format=torch.contiguous_format)  # view_as_complex needs aligned (a, b) pairs
-    rotation = (torch.complex(cos, sin) if rotation is None else rotation).unsqueeze(-2)
-    if overwrite and aligned and cpu_inference(x):
-        torch.view_as_complex(pairs).mul_(rotation)
-        return x
-    return as_dtype(torch.view_as_real(torch.view_as_complex(pairs) * rotation).flatten(-2), x.dtype)
+        cos, sin = rope.cos.unsqueeze(-2), rope.sin.unsqueeze(-2)
+        return as_dtype(torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2), x.dtype)
+    if not viewable_as_complex(pairs):
+        pairs = pairs.clone(memory_format=torch.contiguous_format)
+    rotated = torch.view_as_complex(pairs) * rope.rotation.unsqueeze(-2)
+    return as_dtype(torch.view_as_real(rotated).flatten(-2), x.dtype)

@@ -1,11 +1,19 @@
-"""The layers' small formulas (sinusoid, adaLN modulation, gated residual) and the CPU inference patch projection."""
+"""The layers' maths: sinusoid, norms, adaLN modulation, gated residual, patch projection and attention dtypes."""
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from pixelflow import layers
-from pixelflow.layers import PatchEmbed, fp32_region, gated_residual, modulate, plain_layer_norm, sinusoid
+from pixelflow.layers import (
+    FeedForward,
+    PatchEmbed,
+    fp32_region,
+    gated_residual,
+    layer_norm,
+    modulate,
+    rms_norm,
+    sinusoid,
+)
 from pixelflow.rope import apply_rope, rope_pairs
 
 
@@ -24,23 +32,20 @@ def test_modulate_and_gated_residual_are_their_formulas():
     torch.testing.assert_close(gated_residual(x, gate, x), x + gate * x)
     # autocast: a bf16 branch output meets an fp32 gate; the residual keeps the stream's dtype
     stream = x.bfloat16()
-    assert gated_residual(stream, gate, x.bfloat16()).dtype == torch.bfloat16
+    out = gated_residual(stream, gate, x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, stream + (gate * x.bfloat16()).bfloat16(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("grad", [False, True])
-@pytest.mark.parametrize("op", ["modulate", "gated_residual"])
-def test_overwrite_writes_in_place_only_on_the_cpu_inference_path(op, grad):
-    torch.manual_seed(0)
-    x, a, b = torch.randn(2, 5, 8), torch.randn(2, 1, 8), torch.randn(2, 1, 8)
-    call, expected = {"modulate": (lambda t: modulate(t, a, b, overwrite=True), x * b + a),
-                      "gated_residual": (lambda t: gated_residual(t, a, x, overwrite=True), x + a * x)}[op]
-    given = x.clone().requires_grad_(grad)
-    with torch.set_grad_enabled(grad):
-        out = call(given)
-    torch.testing.assert_close(out, expected)
-    assert (out is given) == (not grad)  # with autograd on, a new tensor and the input as it was
-    if grad:
-        assert torch.equal(given.detach(), x)
+def test_norms_have_no_learned_parameters_and_run_in_fp32():
+    x = torch.randn(3, 7, 16) * 3 + 1
+    for norm, reference in ((layer_norm, lambda t: F.layer_norm(t, (16,), eps=1e-6)),
+                            (lambda t: rms_norm(t, 1e-6), lambda t: t * torch.rsqrt(t.square().mean(-1, keepdim=True) + 1e-6))):
+        torch.testing.assert_close(norm(x), reference(x), rtol=1e-6, atol=1e-6)
+        out = norm(x.bfloat16())
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, norm(x.bfloat16().float()), rtol=0, atol=0)
+    assert layer_norm(x).mean(-1).abs().max() < 1e-5 and (layer_norm(x).std(-1, unbiased=False) - 1).abs().max() < 1e-3
 
 
 def test_fp32_region_turns_autocast_off_only_where_it_is_on():
@@ -53,40 +58,33 @@ def test_fp32_region_turns_autocast_off_only_where_it_is_on():
         assert torch.is_autocast_enabled("cpu")
 
 
-@pytest.mark.parametrize("patch", [2, 4])
-def test_patch_embed_inference_matmul_equals_the_convolution(monkeypatch, patch):
-    """Without autograd on the CPU the patch projection is one matmul over gathered patches; same values."""
+def test_patch_embed_projects_each_patch_in_row_major_order():
     torch.manual_seed(0)
-    embed = PatchEmbed(patch_size=patch, in_channels=3, hidden=24)
-    x = torch.randn(2, 3, 16, 12)
-    ref = embed(x).detach()  # autograd on: the Conv2d
-
-    def no_conv(_):
-        raise AssertionError("inference should not run the convolution")
-
-    monkeypatch.setattr(embed.proj, "forward", no_conv)
-    with torch.no_grad():
-        out = embed(x)
-    assert out.shape == (2, 16 * 12 // patch**2, 24)
-    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    embed = PatchEmbed(patch_size=2, in_channels=3, hidden=24)
+    x = torch.randn(2, 3, 8, 6)
+    out = embed(x)
+    assert out.shape == (2, 12, 24)
+    token = 1 * 3 + 2  # patch row 1, column 2
+    patch = x[:, :, 2:4, 4:6].flatten(1)
+    torch.testing.assert_close(out[:, token], patch @ embed.proj.weight.flatten(1).T + embed.proj.bias, rtol=1e-5, atol=1e-6)
 
 
-def test_plain_layer_norm_is_layer_norm_without_parameters():
-    x = torch.randn(3, 7, 16) * 3 + 1
-    out = plain_layer_norm(x.bfloat16())
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(plain_layer_norm(x), F.layer_norm(x, (16,), eps=1e-6), rtol=0, atol=0)
-    torch.testing.assert_close(out, F.layer_norm(x.bfloat16().float(), (16,), eps=1e-6), rtol=0, atol=0)
+def test_feed_forward_is_linear_tanh_gelu_linear():
+    torch.manual_seed(0)
+    mlp, x = FeedForward(8), torch.randn(3, 8)
+    hidden = mlp.fc1(x)
+    expected = mlp.fc2(0.5 * hidden * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (hidden + 0.044715 * hidden**3))))
+    torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_attention_rotates_the_normed_queries_and_keys_in_the_streams_dtype(monkeypatch):
     """Under bf16 autocast the published RMSNorm returns its input's dtype, so the rotation starts from
-    bf16-rounded queries and keys; the fp32 path rotates in place."""
+    bf16-rounded queries and keys."""
     seen = []
 
-    def recording(x, *tables, overwrite=False):
+    def recording(x, rope):
         seen.append(x.dtype)
-        return apply_rope(x, *tables, overwrite=overwrite)
+        return apply_rope(x, rope)
 
     monkeypatch.setattr(layers, "apply_rope", recording)
     torch.manual_seed(0)
@@ -95,3 +93,20 @@ def test_attention_rotates_the_normed_queries_and_keys_in_the_streams_dtype(monk
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = attn(x.bfloat16(), rope)
     assert seen == [torch.bfloat16, torch.bfloat16] and out.dtype == torch.bfloat16
+
+
+def test_attention_is_multi_head_attention_of_normed_rotated_heads():
+    torch.manual_seed(0)
+    attn = layers.Attention(32, 2, 16).eval()
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5)
+    x, rope = torch.randn(2, 16, 32), rope_pairs(4, 16)
+
+    def heads(t):  # (B, S, H * D) -> (B, H, S, D)
+        return t.unflatten(-1, (2, 16)).transpose(1, 2)
+
+    q = apply_rope(attn.q_norm(attn.q_proj(x)).unflatten(-1, (2, 16)), rope).transpose(1, 2)
+    k = apply_rope(attn.k_norm(attn.k_proj(x)).unflatten(-1, (2, 16)), rope).transpose(1, 2)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / 16**0.5, dim=-1)
+    expected = attn.o_proj((weights @ heads(attn.v_proj(x))).transpose(1, 2).flatten(2))
+    torch.testing.assert_close(attn(x, rope), expected, rtol=1e-5, atol=1e-6)
