@@ -2,6 +2,8 @@
 
 Sweeps: `python train.py -m module.lr=1e-3,3e-3 model=tiny,tiny2` trains every combination, each job in its
 own run directory ${paths.runs_dir}/${run_name}_multirun/<its overrides> (resumed per job when rerun).
+Run notes (resuming, skipped steps, retention) come through Python logging: Hydra's default job logging prints
+them and keeps them in the run directory's train.log.
 """
 
 import hydra

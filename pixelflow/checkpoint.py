@@ -34,6 +34,7 @@ RELEASED_URL = "https://huggingface.co/ShoufaChen/PixelFlow-Class2Image"
 HUB_PREFIX = "hf://"
 RELEASED_HUB = "hf://ShoufaChen/PixelFlow-Class2Image"
 WEIGHT_FILES = ("model.safetensors", "model.pt")  # in order of preference
+_PROJECT_KEYS = ("model", "schedule", "ema_decays")  # what a .ckpt's 'pixelflow' section must hold to be loaded
 
 
 class CheckpointError(RuntimeError):
@@ -167,9 +168,9 @@ def _load_released(path: Path, config_path: Path | None) -> LoadedModel:
 
 def _ema_prefix(meta: dict[str, Any], path: Path, ema: float | None) -> str:
     """State-dict prefix of the EMA of rate ``ema`` (None: the first EMA, else the live weights)."""
-    decays = [float(d) for d in meta.get("ema_decays", [])]
+    decays = [float(d) for d in meta["ema_decays"]]
     if ema is None:
-        return "emas.0.module." if decays else "ema.module." if meta.get("has_ema") else "model."
+        return "emas.0.module." if decays else "model."
     if float(ema) not in decays:
         raise CheckpointError(f"{path} has no EMA with rate {ema}; it keeps ema_decays={decays}. Pick one of those or ema=null")
     return f"emas.{decays.index(float(ema))}.module."
@@ -181,6 +182,10 @@ def _load_project(path: Path, ema: float | None = None) -> LoadedModel:
     if meta is None:
         raise CheckpointError(f"{path} is not a pixelflow training checkpoint (no 'pixelflow' section); "
                               "for a plain state_dict use a .pt file with its config.yaml")
+    if missing := [k for k in _PROJECT_KEYS if k not in meta]:
+        raise CheckpointError(f"{path}'s 'pixelflow' section lacks {missing} (it has {sorted(meta)}): it was not written by "
+                              "this version's PixelFlowLitModule. Load it with the version that wrote it and export it "
+                              "(export_released_format), then load the export")
     prefix = _ema_prefix(meta, path, ema)
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     schedule = CascadeSchedule(**meta["schedule"])

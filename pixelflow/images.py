@@ -1,16 +1,14 @@
-"""Writing samples: PNGs, grids, and the ADM ``.npz`` layout."""
+"""Writing samples as pictures: one PNG per image, and grids (the ADM ``.npz`` layout: pixelflow.metrics.io)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-__all__ = ["save_grid", "save_pngs", "save_adm_npz", "grid_image"]
+__all__ = ["save_grid", "save_pngs", "grid_image"]
 
 
 def grid_image(images_uint8: torch.Tensor, nrow: int, upscale: int = 1) -> Image.Image:
@@ -36,11 +34,3 @@ def save_pngs(images_uint8: torch.Tensor, labels: torch.Tensor, indices: torch.T
     for image, label, index in zip(images_uint8.numpy(), labels.tolist(), indices.tolist()):
         Image.fromarray(image).save(out / f"{index:06d}_{label}.png")
 
-
-def save_adm_npz(path: str | Path, images_uint8: np.ndarray, labels: np.ndarray, settings: dict | None = None) -> Path:
-    """ADM layout: ``arr_0`` uint8 NHWC, ``arr_1`` int64 labels, ``settings`` a JSON string."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    extra = {"settings": np.array(json.dumps(settings or {}))}
-    np.savez(path, arr_0=np.asarray(images_uint8, dtype=np.uint8), arr_1=np.asarray(labels, dtype=np.int64), **extra)
-    return path

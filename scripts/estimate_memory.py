@@ -40,22 +40,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmark import TensorMemoryTracker, autocast, stage_tokens  # noqa: E402
-
-from pixelflow.cascade import CascadeSchedule  # noqa: E402
-from pixelflow.conditioning import ClassCondition  # noqa: E402
-from pixelflow.model import PIXELFLOW_CONFIGS, build_model  # noqa: E402
-from pixelflow.precision import sampling_precision  # noqa: E402
-from pixelflow.sampling.memory import (  # noqa: E402
+from pixelflow.benchmarking import stage_tokens, training_autocast
+from pixelflow.cascade import CascadeSchedule
+from pixelflow.conditioning import ClassCondition
+from pixelflow.model import PIXELFLOW_CONFIGS, build_model
+from pixelflow.precision import sampling_precision
+from pixelflow.profiling import TensorMemoryTracker
+from pixelflow.sampling.memory import (
     ALLOCATOR_SLACK,
     CUDA_CONTEXT_BYTES,
     FORWARD_COEFFICIENTS,
@@ -64,9 +60,9 @@ from pixelflow.sampling.memory import (  # noqa: E402
     sampling_budget_bytes,
     sampling_peak_bytes,
 )
-from pixelflow.sampling.samplers import CascadeNoise, CascadeSampler, SamplerConfig  # noqa: E402
-from pixelflow.text import TextCondition  # noqa: E402
-from pixelflow.training.objective import cascade_loss  # noqa: E402
+from pixelflow.sampling.samplers import CascadeNoise, CascadeSampler, SamplerConfig
+from pixelflow.text import TextCondition
+from pixelflow.training.objective import cascade_loss
 
 
 def tokens(image_size: int, micro_batch: int, patch: int, num_stages: int = 4) -> tuple[int, int]:
@@ -103,7 +99,7 @@ def measure(model: str, depth: int, image_size: int, micro_batch: int, precision
     out = {"depth": depth, "micro_batch": micro_batch, "image_size": image_size, "P": sum(p.numel() for p in params),
            "static": static}
     with tracker:
-        with autocast(torch.device("cpu"), precision):
+        with training_autocast(torch.device("cpu"), precision):
             loss, _ = cascade_loss(net, schedule, images, labels, torch.Generator().manual_seed(0))
         out["forward"] = tracker.peak - static
         out["retained"] = tracker.current - static

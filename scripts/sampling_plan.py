@@ -10,28 +10,14 @@ Every figure is an estimate, labelled with its method:
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pixelflow.cascade import CascadeSchedule  # noqa: E402
-from pixelflow.model import build_model  # noqa: E402
-from pixelflow.precision import resolve_precision  # noqa: E402
-from pixelflow.sampling.memory import GIB, max_fitting_batch, sampling_budget_bytes, sampling_peak_bytes  # noqa: E402
-
-
-def guided_step_flops(net: torch.nn.Module, schedule: CascadeSchedule) -> int:
-    """FLOPs of one guided model call (2 rows) at every stage, for one image."""
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        for side in schedule.stage_sides:
-            net(torch.zeros(2, 3, side, side, device="meta"), torch.zeros(2, device="meta"),
-                torch.zeros(2, dtype=torch.long, device="meta"))
-    return counter.get_total_flops()
+from pixelflow.benchmarking import stage_forward_flops
+from pixelflow.cascade import CascadeSchedule
+from pixelflow.model import build_model
+from pixelflow.precision import resolve_precision
+from pixelflow.sampling.memory import GIB, max_fitting_batch, sampling_budget_bytes, sampling_peak_bytes
 
 
 def plan(args: argparse.Namespace) -> str:
@@ -43,7 +29,7 @@ def plan(args: argparse.Namespace) -> str:
     here = resolve_precision(args.precision, device)
     budget = sampling_budget_bytes(sampling_peak_bytes(net, 256, args.batch, "dopri5", on_gpu))
     best = max_fitting_batch(net, 256, "dopri5", on_gpu, args.gpu_gb * 1e9)
-    flops = guided_step_flops(net, schedule) * args.calls_per_stage
+    flops = stage_forward_flops(net, schedule, 2, "meta") * args.calls_per_stage  # a guided call: 2 rows
     rate = args.mfu * args.peak_tflops * 1e12 * (1.0 if on_gpu == "bf16" else 0.5)
     hours = args.num_samples * flops / rate / args.devices / 3600
     lines = [

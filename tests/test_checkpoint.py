@@ -81,6 +81,13 @@ def test_lightning_checkpoint_without_pixelflow_section(tmp_path):
         load_pixelflow(tmp_path / "x.ckpt")
 
 
+def test_project_checkpoint_without_its_ema_record_is_refused(tmp_path):
+    """A 'pixelflow' section without ema_decays cannot say which weights are the EMA's: refused, not guessed."""
+    torch.save({"state_dict": {}, "pixelflow": {"model": {}, "schedule": {}}}, tmp_path / "x.ckpt")
+    with pytest.raises(CheckpointError, match=r"lacks \['ema_decays'\].*export it"):
+        load_pixelflow(tmp_path / "x.ckpt")
+
+
 def test_export_writes_safetensors_beside_model_pt_and_both_load(exported, tiny_model):
     from_pt, from_st = load_pixelflow(exported / "model.pt"), load_pixelflow(exported / "model.safetensors")
     assert from_st.schedule == from_pt.schedule and from_st.class_names == ["a"] * 10

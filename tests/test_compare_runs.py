@@ -1,17 +1,18 @@
-"""scripts/compare_runs.py: the table of overrides and final metrics, one plot per metric, clear errors."""
+"""pixelflow.training.compare_runs and scripts/compare_runs.py: the table of overrides and final metrics, one plot per
+metric, clear errors."""
 
 import csv
-import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("compare_runs", ROOT / "scripts" / "compare_runs.py")
-compare_runs = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare_runs)
+from pixelflow.training.compare_runs import compare_runs
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_runs.py"
 
 
 def _run(path, overrides, records):
@@ -29,7 +30,9 @@ def test_table_of_final_metrics_and_one_plot_per_metric(tmp_path):
     a = _run(tmp_path / "a", ["model=tiny", "module.lr=0.001", "paths.runs_dir=/x"],
              [_record(100, 0.99, 0.5, 9.0), _record(100, 0.9, 0.4, 10.0), _record(200, 0.99, 0.8, 3.0), _record(200, 0.9, 0.7, 4.0)])
     b = _run(tmp_path / "b", ["model=tiny", "module.lr=0.003", "paths.runs_dir=/x"], [_record(100, 0.99, 0.6, 8.0)])
-    compare_runs.main([str(a), str(b), "--out", str(tmp_path / "out")])
+    (csv_path, table_path), plots = compare_runs([a, b], tmp_path / "out")
+    assert (csv_path, table_path) == (tmp_path / "out" / "runs.csv", tmp_path / "out" / "runs.md")
+    assert sorted(p.name for p in plots) == ["classifier_accuracy.png", "classifier_fid.png"]
     rows = list(csv.DictReader(open(tmp_path / "out" / "runs.csv")))
     assert [(r["run"], r["ema"], r["step"], r["classifier_fid"]) for r in rows] == [
         ("module.lr=0.001", "0.99", "200", "3.0"), ("module.lr=0.001", "0.9", "200", "4.0"), ("module.lr=0.003", "0.99", "100", "8.0")]
@@ -43,5 +46,17 @@ def test_table_of_final_metrics_and_one_plot_per_metric(tmp_path):
 
 def test_a_run_without_evaluations_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="metrics.jsonl is missing or empty"):
-        compare_runs.main([str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match="metrics.jsonl is missing or empty"):
+        compare_runs([tmp_path / "empty"], tmp_path / "out")
+
+
+def test_the_command_prints_the_table_and_refuses_a_run_without_evaluations(tmp_path):
+    run = _run(tmp_path / "a", ["module.lr=0.001"], [_record(100, 0.99, 0.5, 9.0)])
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(run), "--out", str(tmp_path / "out")], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "out" / "runs.md").read_text() in proc.stdout and "and 2 plot(s)" in proc.stdout
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "empty"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "error: " in proc.stderr and "metrics.jsonl is missing or empty" in proc.stderr

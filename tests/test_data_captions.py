@@ -1,6 +1,5 @@
 """Caption datamodules: MNIST template captions, a caption folder, and caption webdataset shards."""
 
-import importlib.util
 import re
 from collections import Counter
 from pathlib import Path
@@ -23,12 +22,8 @@ from pixelflow.data.mnist_captions import (
     template_choice,
 )
 from pixelflow.data.robust import SkipLedger
+from pixelflow.data.shard_writer import ShardSettings, write_shards
 from pixelflow.data.shards import ShardDataModule, load_index, shard_pipeline
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_shards.py"
-_spec = importlib.util.spec_from_file_location("make_shards", SCRIPT)
-make_shards = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_shards)
 
 
 def test_heldout_phrasings_are_disjoint_from_training_ones():
@@ -102,8 +97,7 @@ def test_caption_folder_datamodule_batches(tmp_path):
 
 def test_caption_shards_store_and_stream_the_captions(tmp_path):
     root = _caption_folder(tmp_path / "captions")
-    index = make_shards.make_shards(make_shards.parse_args([str(root), str(tmp_path / "out"), "--captions",
-                                                            "--image-size", "32", "--shard-size", "2"]))
+    index = write_shards(ShardSettings(root, tmp_path / "out", captions=True, image_size=32, shard_size=2))
     assert index["captions"] is True and index["num_classes"] == 0 and index["total"] == 3 and index["num_skipped"] == 1
     urls = [s["path"] for s in load_index(tmp_path / "out" / "index.json")["shards"]]
     batches = list(shard_pipeline(urls, random_transform(32), SkipLedger(), 1, resample=False, passes=1, captions=True))

@@ -1,5 +1,6 @@
 """ImageNet folder data: augmentation geometry, ADM crop, class names, and unreadable-file handling."""
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,7 @@ def test_replacement_is_the_next_readable_file(folder):
     assert dataset.ledger.bad_indices() == [i] and dataset.ledger.total == 1
 
 
-def test_datamodule_batches_with_workers_count_skips_in_the_main_process(folder, capsys):
+def test_datamodule_batches_with_workers_count_skips_in_the_main_process(folder, caplog):
     dm = ImageNetDataModule(str(folder), batch_size=5, image_size=32, num_workers=2, seed=1)
     assert dm.num_classes == len(CLASSES) and dm.class_names[0] == "tench, Tinca tinca"
     dm.setup("fit")
@@ -83,8 +84,11 @@ def test_datamodule_batches_with_workers_count_skips_in_the_main_process(folder,
     assert len(dm.skips.bad_indices()) == len(CORRUPT)
     assert dm.skips.total >= len(CORRUPT)
     assert "3 distinct unreadable image(s)" in dm.describe_skips()
-    assert dm.report_skips("test") == dm.skips.total
-    assert f"{dm.skips.total} in total" in capsys.readouterr().out
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pixelflow"):
+        assert dm.report_skips("test") == dm.skips.total
+    (record,) = caplog.records
+    assert record.levelno == logging.WARNING and f"{dm.skips.total} in total" in record.getMessage()  # new skips: a warning
 
 
 def test_missing_folder_has_a_helpful_error(tmp_path):

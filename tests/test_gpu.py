@@ -1,13 +1,12 @@
 """GPU checks (skipped without CUDA; scripts/gpu_check.sh runs them): bf16 sampling, sampling memory at the
 default batch, and the first steps of the 24 GB training recipe."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
+from pixelflow.benchmarking import BenchmarkConfig, run_benchmark
 from pixelflow.cascade import CascadeSchedule
 from pixelflow.model import build_model
 from pixelflow.precision import sampling_precision
@@ -50,12 +49,8 @@ def test_sampling_peak_at_the_default_batch_is_under_22_gib():
 
 def test_24gb_recipe_first_training_steps():
     cfg = compose_config("train", ["experiment=imagenet256_xl4_24gb"])
-    spec = importlib.util.spec_from_file_location("benchmark", Path(__file__).parents[1] / "scripts" / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
-    args = benchmark.parse_args(["--model", "XL/4", "--device", "cuda", "--micro-batch", str(cfg.data.batch_size),
-                                 "--precision", cfg.trainer.precision, "--grad-checkpointing", "--steps", "2",
-                                 "--sample-batch", "0", "--no-padding"])
+    config = BenchmarkConfig(model="XL/4", device="cuda", micro_batch=cfg.data.batch_size, precision=cfg.trainer.precision,
+                             grad_checkpointing=cfg.model.gradient_checkpointing, steps=2, sample_batch=0, padding=False)
     assert cfg.model.gradient_checkpointing and cfg.trainer.precision == "bf16-mixed"
-    result = benchmark.run(args)
+    result = run_benchmark(config)
     assert result["train"]["peak_memory_bytes"] < 22 * GIB and math.isfinite(result["train"]["images_per_s"])

@@ -1,7 +1,6 @@
 """evaluate.py end to end (CLI, metrics.json, protocol record) and its errors; the ImageNet reproduction script offline."""
 
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,8 +14,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from pixelflow.data.mnist import default_mnist_path
+from pixelflow.metrics import evaluation
 from pixelflow.metrics import fid as M
-from pixelflow.metrics.evaluation import EvalOptions, _extract, evaluate
+from pixelflow.metrics.evaluation import EvalOptions, _extract, evaluate, evaluate_config
 from pixelflow.metrics.inception import InceptionFeatures, resolve_inception_weights
 from pixelflow.metrics.io import EvaluationInputError, image_set_from_array, load_image_set, write_adm_npz
 from pixelflow.metrics.mnist_classifier import RECIPE
@@ -33,13 +33,6 @@ def _sha256(path):
 def _cli(*overrides, cwd, env=None):
     return subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *overrides], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=900)
-
-
-def _load_entrypoint():
-    spec = importlib.util.spec_from_file_location("evaluate_entrypoint", ROOT / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _cfg(**values):
@@ -115,7 +108,7 @@ def test_bad_options_give_clear_errors(tmp_path, values, message):
     write_adm_npz(tmp_path / "samples.npz", mnist_images("test")[0][:4])
     values = {k: str(tmp_path / "samples.npz") if v == "SAMPLES" else v for k, v in values.items()}
     with pytest.raises(EvaluationInputError, match=message):
-        _load_entrypoint().run(_cfg(cache_dir=str(tmp_path / "cache"), **values))
+        evaluate_config(_cfg(cache_dir=str(tmp_path / "cache"), **values))
 
 
 def test_cli_error_exit_code_and_message(tmp_path):
@@ -137,14 +130,12 @@ def test_reproduce_script_stops_offline_with_instructions(tmp_path):
 
 
 def test_default_evaluation_uses_500_mnist_reference_images(tmp_path, monkeypatch):
-    entry = _load_entrypoint()
     seen = []
-    monkeypatch.setattr(entry, "evaluate", lambda samples, ref, opts: seen.append(opts.num_ref))
-    monkeypatch.setattr(entry, "write_metrics", lambda result, out: out)
-    monkeypatch.setattr(entry, "format_table", lambda result: "")
+    monkeypatch.setattr(evaluation, "evaluate", lambda samples, ref, opts: seen.append(opts.num_ref))
+    monkeypatch.setattr(evaluation, "write_metrics", lambda result, out: out)
     write_adm_npz(tmp_path / "samples.npz", mnist_images("test")[0][:4])
     for num_ref in ("auto", None, 12):
-        entry.run(_cfg(samples=str(tmp_path / "samples.npz"), ref="mnist_test", num_ref=num_ref))
+        evaluate_config(_cfg(samples=str(tmp_path / "samples.npz"), ref="mnist_test", num_ref=num_ref))
     assert seen == [500, None, 12]
 
 

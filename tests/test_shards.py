@@ -1,8 +1,10 @@
-"""make_shards.py (write, count, resume) and the streaming shard datamodule (split, resample, robustness)."""
+"""Shard writing (write, count, resume; scripts/make_shards.py) and the streaming shard datamodule (split, resample,
+robustness)."""
 
-import importlib.util
 import io
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -11,19 +13,17 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from pixelflow.data import shard_writer
 from pixelflow.data.imagenet import random_transform
 from pixelflow.data.robust import SkipLedger
 from pixelflow.data.shards import ShardDataModule, load_index, shard_pipeline
 from tests.imagefolder import CLASSES, CORRUPT, GOOD_PER_CLASS, make_image_folder, num_good
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_shards.py"
-spec = importlib.util.spec_from_file_location("make_shards", SCRIPT)
-make_shards = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(make_shards)
 
 
-def write(src: Path, out: Path, *extra: str) -> dict:
-    return make_shards.make_shards(make_shards.parse_args([str(src), str(out), "--image-size", "32", "--shard-size", "4", *extra]))
+def write(src: Path, out: Path, **settings) -> dict:
+    return shard_writer.write_shards(shard_writer.ShardSettings(src, out, image_size=32, shard_size=4, **settings))
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_resume_keeps_finished_shards_and_rewrites_the_partial_one(shards, tmp_p
     src, _, reference = shards
     out = tmp_path / "out"
     calls = {"n": 0}
-    real_encode = make_shards.encode
+    real_encode = shard_writer.encode_file
 
     def interrupted(job):
         calls["n"] += 1
@@ -102,15 +102,15 @@ def test_resume_keeps_finished_shards_and_rewrites_the_partial_one(shards, tmp_p
             raise KeyboardInterrupt
         return real_encode(job)
 
-    monkeypatch.setattr(make_shards, "encode", interrupted)
+    monkeypatch.setattr(shard_writer, "encode_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write(src, out)
     assert sorted(p.name for p in out.iterdir()) == ["make_shards.json", "shard-000000.json", "shard-000000.tar",
                                                      "shard-000001.tar.tmp"]
-    with pytest.raises(SystemExit, match="other settings"):
-        write(src, out, "--format", "png")
+    with pytest.raises(FileExistsError, match="other settings"):
+        write(src, out, format="png")
     first_mtime = (out / "shard-000000.tar").stat().st_mtime_ns
-    monkeypatch.setattr(make_shards, "encode", real_encode)
+    monkeypatch.setattr(shard_writer, "encode_file", real_encode)
     index = write(src, out)
     assert (out / "shard-000000.tar").stat().st_mtime_ns == first_mtime
     assert not list(out.glob("*.tmp"))
@@ -118,6 +118,19 @@ def test_resume_keeps_finished_shards_and_rewrites_the_partial_one(shards, tmp_p
     assert strip(index) == strip(reference)
     for shard in reference["shards"]:  # same samples, same bytes (tar headers carry mtimes, so compare members)
         assert members(out / shard["path"]) == members(Path(reference["source"]).parent / "out" / shard["path"])
+
+
+def test_the_command_writes_shards_reports_skips_and_refuses_other_settings(shards, tmp_path):
+    src, _, reference = shards
+    out = tmp_path / "out"
+    command = [sys.executable, str(SCRIPT), str(src), str(out), "--image-size", "32", "--shard-size", "4"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "index.json").read_text())["total"] == reference["total"]
+    assert f"[make_shards] {reference['total']} images in 4 shards under {out}" in proc.stderr
+    assert proc.stderr.count("[make_shards] skipping unreadable") == len(CORRUPT)
+    proc = subprocess.run([*command, "--format", "png"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "error: " in proc.stderr and "other settings" in proc.stderr
 
 
 def members(path: Path) -> list[dict]:

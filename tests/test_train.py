@@ -1,5 +1,5 @@
 import csv
-import importlib.util
+import logging
 import os
 import subprocess
 import sys
@@ -9,15 +9,13 @@ import pytest
 import torch
 
 from pixelflow.checkpoint import CheckpointError, load_pixelflow
+from pixelflow.training.compare_runs import compare_runs
 from pixelflow.training.eval_callback import read_metrics
 from pixelflow.training.launch import build_training, check_global_batch, run_training
 from tests.hydra_utils import compose_config, tiny_train_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 TWO_EMAS = "module.ema_decays=[0.9,0.5]"
-_spec = importlib.util.spec_from_file_location("compare_runs", ROOT / "scripts" / "compare_runs.py")
-compare_runs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(compare_runs)
 
 
 def _state(path):
@@ -67,20 +65,6 @@ def test_two_ema_rates_are_exported_and_selectable(tmp_path):
             load_pixelflow(path, ema=0.7)
 
 
-def test_legacy_single_ema_checkpoint_still_loads(tmp_path):
-    """A checkpoint from before several EMAs (keys ``ema.module.*``) loads its EMA and resumes."""
-    run_dir = tmp_path / "run"
-    run_training(compose_config("train", tiny_train_overrides(run_dir, 2)))
-    path = run_dir / "checkpoints" / "last.ckpt"
-    state, ckpt = _state(path)
-    ckpt["state_dict"] = {k.replace("emas.0.", "ema.", 1): v for k, v in state.items()}
-    del ckpt["pixelflow"]["ema_decays"]
-    torch.save(ckpt, path)
-    assert torch.equal(load_pixelflow(path).model.state_dict()["patch_embed.proj.weight"], state["emas.0.module.patch_embed.proj.weight"])
-    run_training(compose_config("train", tiny_train_overrides(run_dir, 4)))
-    assert _state(path)[1]["global_step"] == 4
-
-
 def test_resume_is_exact(tmp_path):
     """N steps straight == N/2 steps, stop, automatic resume to N: same parameters, both EMAs and optimizer."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -99,19 +83,22 @@ def test_resume_is_exact(tmp_path):
     assert all(torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"]) for i in opt_a)
 
 
-def test_resume_can_be_disabled(tmp_path, capsys):
+def test_resume_can_be_disabled(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pixelflow")
     run_dir = tmp_path / "run"
     run_training(compose_config("train", tiny_train_overrides(run_dir, 2)))
     first = _state(run_dir / "checkpoints" / "last.ckpt")[0]
+    caplog.clear()
     run_training(compose_config("train", tiny_train_overrides(run_dir, 2)))
-    assert "resuming from" in capsys.readouterr().out
+    assert "resuming from" in caplog.text
     key = "model.patch_embed.proj.weight"
     assert torch.equal(first[key], _state(run_dir / "checkpoints" / "last.ckpt")[0][key])
     with pytest.raises(FileExistsError, match="resume=false"):
         run_training(compose_config("train", tiny_train_overrides(run_dir, 2, ["resume=false"])))
     other = tmp_path / "other"
+    caplog.clear()
     run_training(compose_config("train", tiny_train_overrides(other, 2, ["resume=false", "seed=1"])))
-    assert "starting a new run" in capsys.readouterr().out
+    assert "starting a new run" in caplog.text
     second = _state(other / "checkpoints" / "last.ckpt")[0]
     assert not torch.equal(first["model.patch_embed.proj.weight"], second["model.patch_embed.proj.weight"])
 
@@ -186,7 +173,7 @@ def test_multirun_trains_each_job_in_its_own_run_directory_and_resumes_each(tmp_
         assert [r["step"] for r in read_metrics(job / "metrics.jsonl")] == [2, 4]
     a, b = (_state(job / "checkpoints" / "last.ckpt")[0]["model.patch_embed.proj.weight"] for job in jobs)
     assert not torch.equal(a, b)  # two learning rates, two different runs
-    compare_runs.main([str(j) for j in jobs] + ["--out", str(tmp_path / "compare")])
+    compare_runs(jobs, tmp_path / "compare")
     rows = list(csv.DictReader(open(tmp_path / "compare" / "runs.csv")))
     assert [(r["run"], r["step"]) for r in rows] == [("module.lr=0.001", "4"), ("module.lr=0.003", "4")]
     assert {p.name for p in (tmp_path / "compare").glob("*.png")} == {"classifier_accuracy.png", "classifier_fid.png"}

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset, get_worker_info
 __all__ = ["UNREADABLE_ERRORS", "MAX_CONSECUTIVE_UNREADABLE", "open_rgb", "SkipLedger", "SkippingFiles", "SkipReporting",
            "FolderSkipReporting"]
 
-log = logging.getLogger("pixelflow.data")
+logger = logging.getLogger(__name__)
 
 # What PIL and the tar reader raise for broken inputs (UnidentifiedImageError is an OSError).
 UNREADABLE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -51,7 +51,7 @@ class SkipLedger:
         self._counts[0 if info is None else 1 + info.id % self.max_workers] += 1
         if index is not None and index < len(self._flags):
             self._flags[index] = True
-        log.warning("skipping unreadable data: %s (%s: %s)", what, type(error).__name__, error)
+        logger.warning("skipping unreadable data: %s (%s: %s)", what, type(error).__name__, error)
 
     @property
     def total(self) -> int:
@@ -126,14 +126,15 @@ class SkipReporting:
         return batch
 
     def report_skips(self, when: str) -> int:
-        """Print (and log to the trainer's loggers) how many images were skipped; return the total."""
+        """Log (and record in the trainer's loggers) how many images were skipped; return the total."""
         total = self.skips.total if self.skips is not None else 0
         new, self._reported = total - self._reported, total
         rank = self.trainer.global_rank if self.trainer is not None else 0
-        print(f"[pixelflow] {when}: {new} unreadable image(s) skipped since the last report, {total} in total (rank {rank})")
+        logger.log(logging.WARNING if new else logging.INFO, "%s: %d unreadable image(s) skipped since the last report, "
+                   "%d in total (rank %d)", when, new, total, rank)
         if self.trainer is not None:
-            for logger in self.trainer.loggers:
-                logger.log_metrics({"data/skipped_images": total}, step=self.trainer.global_step)
+            for experiment_logger in self.trainer.loggers:
+                experiment_logger.log_metrics({"data/skipped_images": total}, step=self.trainer.global_step)
         return total
 
     def teardown(self, stage: str) -> None:
@@ -142,7 +143,7 @@ class SkipReporting:
             self.report_skips("training finished")
             detail = self.describe_skips()
             if detail:
-                print(f"[pixelflow] unreadable images: {detail}")
+                logger.warning("unreadable images: %s", detail)
 
 
 class FolderSkipReporting(SkipReporting):

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +24,13 @@ from tqdm import tqdm
 
 from pixelflow.metrics import fid as M
 from pixelflow.metrics.inception import EXTRACTOR_NAME, SPATIAL_CHANNELS, InceptionFeatures, default_cache_dir, resolve_inception_weights
-from pixelflow.metrics.io import EvaluationInputError, ImageSet
+from pixelflow.metrics.io import EvaluationInputError, ImageSet, load_image_set
 from pixelflow.metrics.mnist_classifier import RECIPE, classify, load_or_train_classifier
+from pixelflow.metrics.references import default_num_ref, is_mnist_reference, resolve_reference
 
-__all__ = ["EvalOptions", "evaluate", "format_table", "write_metrics"]
+__all__ = ["EvalOptions", "evaluate", "evaluate_config", "format_table", "write_metrics"]
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 FEATURE_CACHE_VERSION = 1
 
 
@@ -74,7 +75,7 @@ def _extract(fn: Callable[[Iterable[np.ndarray]], Any], images: ImageSet, n: int
                 bar.update(len(batch))
 
         result = fn(batches())
-    log.info("%s: %d images in %.1f s", what, n, time.perf_counter() - start)
+    logger.info("%s: %d images in %.1f s", what, n, time.perf_counter() - start)
     return result, time.perf_counter() - start
 
 
@@ -86,7 +87,7 @@ def _cached(cache: Path, parts: list[Any], compute: Callable[[], dict[str, np.nd
             with np.load(path, allow_pickle=False) as npz:
                 return {k: npz[k] for k in npz.files}
         except (OSError, ValueError) as err:
-            log.warning("feature cache %s is unreadable (%s); recomputing", path, err)
+            logger.warning("feature cache %s is unreadable (%s); recomputing", path, err)
     feats = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{key}.tmp{os.getpid()}.npz")
@@ -206,3 +207,23 @@ def write_metrics(result: dict[str, Any], path: str | Path) -> Path:
     tmp.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
     os.replace(tmp, path)
     return path
+
+
+def evaluate_config(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], Path]:
+    """Evaluate per ``cfg`` (the keys of conf/evaluate.yaml) and write ``metrics.json``; returns the result and its path."""
+    if not cfg["samples"] or not cfg["ref"]:
+        raise EvaluationInputError("both samples= and ref= are required, e.g. `python evaluate.py samples=DIR/samples.npz ref=mnist_test`")
+    if cfg["classifier"] not in ("auto", True, False):
+        raise EvaluationInputError(f"classifier={cfg['classifier']!r}: use auto, true or false")
+    if cfg["num_threads"]:
+        torch.set_num_threads(int(cfg["num_threads"]))
+    samples_path, ref_name = Path(cfg["samples"]).expanduser(), str(cfg["ref"])
+    samples = load_image_set(samples_path, cfg["num_workers"])
+    ref = resolve_reference(ref_name, cfg["num_workers"])
+    opts = EvalOptions(batch_size=cfg["batch_size"], device=cfg["device"], inception_weights=cfg["inception_weights"],
+                       cache_dir=cfg["cache_dir"], kid=bool(cfg["kid"]), num_samples=cfg["num_samples"],
+                       num_ref=default_num_ref(ref_name, cfg["num_ref"]), inception=bool(cfg["inception"]),
+                       classifier=is_mnist_reference(ref_name) if cfg["classifier"] == "auto" else bool(cfg["classifier"]))
+    result = evaluate(samples, ref, opts)
+    out = Path(cfg["out"]) if cfg["out"] else (samples_path if samples_path.is_dir() else samples_path.parent) / "metrics.json"
+    return result, write_metrics(result, out)

@@ -214,7 +214,7 @@ class InceptionFeatures:
         # checked to load with weights_only=True (resolve_inception_weights / converted_weights).
         self.net = FeatureExtractorInceptionV3("inception-v3-compat", layers,
                                                feature_extractor_weights_path=str(weights.path))
-        self.net.to(self.device, memory_format=torch.channels_last)  # same numbers (within 1e-5), ~1.5x faster on CPU
+        self.net.to(self.device, memory_format=torch.channels_last)  # the same features up to rounding, faster on CPU
         self._spatial: torch.Tensor | None = None
         self.net.Mixed_6d.branch1x1.register_forward_hook(self._keep_spatial)
 

@@ -1,5 +1,5 @@
 """A small MNIST classifier for fast sample metrics: class accuracy of conditional samples and FID in its
-128-dim penultimate feature space. Trained once on CPU (two epochs, about 10-20 s on 2 cores) and cached.
+128-dim penultimate feature space. Trained once on CPU (two epochs) and cached.
 
 The cache file holds tensors and plain numbers only (``torch.load(weights_only=True)``) and has a
 ``.sha256`` sidecar; a missing, corrupt or outdated file is rebuilt by training again.
@@ -28,7 +28,7 @@ __all__ = ["MNISTClassifier", "LoadedClassifier", "load_or_train_classifier", "t
 
 RECIPE = "mnist-cnn-v2"  # bump when the architecture, preprocessing or training recipe changes
 FEATURE_DIM = 128
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 class MNISTClassifier(nn.Module):
@@ -136,8 +136,8 @@ def load_or_train_classifier(cache_dir: str | Path | None = None) -> LoadedClass
         try:
             return _read_cache(path)
         except Exception as err:  # torch.load / load_state_dict raise many types for damaged files
-            log.warning("MNIST classifier cache %s is unusable (%s: %s); retraining", path, type(err).__name__, str(err)[:200])
-    log.info("training the MNIST evaluation classifier (once; cached in %s)", path.parent)
+            logger.warning("MNIST classifier cache %s is unusable (%s: %s); retraining", path, type(err).__name__, str(err)[:200])
+    logger.info("training the MNIST evaluation classifier (once; cached in %s)", path.parent)
     model, accuracy, seconds = train_classifier()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

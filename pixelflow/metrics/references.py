@@ -13,8 +13,8 @@ __all__ = ["NAMED_REFERENCES", "MNIST_DEFAULT_NUM_REF", "mnist_images", "resolve
            "default_num_ref"]
 
 NAMED_REFERENCES = {"mnist_train": "train", "mnist_valid": "valid", "mnist_test": "test"}
-# Inception on CPU runs at ~4-14 images/s on 2 cores: the first 500 images of a split keep a first evaluation
-# within ~2 minutes (the whole 10k test split would take 20-40). num_ref=null uses every image.
+# Inception features are slow on a CPU: the first 500 images of a split keep a first evaluation short (times in
+# docs/evaluation.md). num_ref=null uses every image.
 MNIST_DEFAULT_NUM_REF = 500
 
 

@@ -20,7 +20,8 @@ from lightning.fabric import Fabric
 from tqdm.auto import tqdm
 
 from pixelflow.checkpoint import LoadedModel
-from pixelflow.images import save_adm_npz, save_grid, save_pngs
+from pixelflow.images import save_grid, save_pngs
+from pixelflow.metrics.io import write_adm_npz
 from pixelflow.precision import resolve_precision, sampling_precision
 from pixelflow.sampling.compile import compile_loaded
 from pixelflow.sampling.memory import check_sampling_fits
@@ -87,7 +88,7 @@ def assemble(out_dir: Path, num_samples: int, settings: dict) -> Path:
             images[shard_index] = data["images"]
             labels[shard_index] = data["labels"]
     try:
-        return save_adm_npz(out_dir / "samples.npz", images, labels, settings)
+        return write_adm_npz(out_dir / "samples.npz", images, labels, settings)
     finally:
         del images
         staging.unlink()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 import warnings
 from pathlib import Path
@@ -12,7 +13,6 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig
 
 from pixelflow.checkpoint import CheckpointError, load_pixelflow, model_kwargs
@@ -20,8 +20,11 @@ from pixelflow.text import TextEncoder
 from pixelflow.training.callbacks import SampleGrid
 from pixelflow.training.console import StepProgressBar, silence_lightning_tips
 from pixelflow.training.retention import newest_checkpoint
+from pixelflow.training.sharding import is_fsdp
 
 __all__ = ["build_training", "build_text_encoder", "run_training", "check_global_batch", "group_entries", "init_from_weights"]
+
+logger = logging.getLogger(__name__)
 
 # lightning 2.6 still builds torch's deprecated LeafSpec on every batch; nothing a user can act on.
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
@@ -60,7 +63,7 @@ def init_from_weights(module: L.LightningModule, path: str | Path) -> str:
 
 def _fsdp_callbacks(trainer: L.Trainer) -> list[str]:
     """Under FSDP, turn off what cannot drive a sharded model; return what was said about it."""
-    if not isinstance(trainer.strategy, FSDPStrategy):
+    if not is_fsdp(trainer):
         return []
     grids = [c for c in trainer.callbacks if isinstance(c, SampleGrid)]
     for callback in grids:
@@ -90,7 +93,7 @@ def group_entries(cfg: DictConfig, group: str) -> dict[str, DictConfig]:
     choice = HydraConfig.get().runtime.choices.get(group) if HydraConfig.initialized() else None
     if choice == "none":
         if entries:
-            print(f"[pixelflow] {group}=none: ignoring {', '.join(f'{group}.{name}' for name in sorted(entries))}")
+            logger.info("%s=none: ignoring %s", group, ", ".join(f"{group}.{name}" for name in sorted(entries)))
         return {}
     orphans = sorted(name for name, conf in entries.items() if not (isinstance(conf, DictConfig) and "_target_" in conf))
     if not orphans:
@@ -156,20 +159,24 @@ def run_training(cfg: DictConfig) -> Path:
         raise CheckpointError(f"{run_dir} holds checkpoints but none is readable: {'; '.join(choice.notes)}. "
                               "Move them away to start over in this directory, or pick another run_name=...")
     trainer, module, datamodule = build_training(cfg)
-    notes = [f"WARNING: {n}" if "unreadable" in n else n for n in choice.notes] + _fsdp_callbacks(trainer)
+    problems = [n for n in choice.notes if "unreadable" in n]  # checkpoints it could not read
+    notes = [n for n in choice.notes if "unreadable" not in n]
+    notes += _fsdp_callbacks(trainer)
     init_from = cfg.get("init_from")
     if init_from and ckpt is not None:
         notes.append(f"init_from={init_from} ignored: resuming this run from {ckpt} (its weights and optimizer)")
     elif init_from:
         notes.append(init_from_weights(module, init_from))
     if trainer.is_global_zero:
-        print(f"[pixelflow] run directory: {run_dir}")
+        logger.info("run directory: %s", run_dir)
+        for problem in problems:
+            logger.warning(problem)
         for note in notes:
-            print(f"[pixelflow] {note}")
-        print(f"[pixelflow] {f'resuming from {ckpt} (step {choice.step})' if ckpt else 'starting a new run'}; "
-              f"{sum(p.numel() for p in module.model.parameters()) / 1e6:.2f}M parameters")
+            logger.info(note)
+        logger.info("%s; %.2fM parameters", f"resuming from {ckpt} (step {choice.step})" if ckpt else "starting a new run",
+                    sum(p.numel() for p in module.model.parameters()) / 1e6)
     torch.set_float32_matmul_precision("high")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
     if trainer.is_global_zero:
-        print(f"[pixelflow] done; run directory: {run_dir}")
+        logger.info("done; run directory: %s", run_dir)
     return run_dir

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from collections.abc import Sequence
@@ -12,7 +13,6 @@ from typing import Any
 import lightning as L
 import torch
 from torch import nn
-from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.optim.swa_utils import AveragedModel
 
 from pixelflow.cascade import CascadeSchedule
@@ -21,8 +21,11 @@ from pixelflow.model import PixelFlowTransformer
 from pixelflow.text import TextEncoder
 from pixelflow.training.objective import cascade_loss
 from pixelflow.training.process_group import destroy_gloo_group_at_exit
+from pixelflow.training.sharding import is_fsdp
 
 __all__ = ["PixelFlowLitModule", "DivergenceError", "nonfinite_tensors"]
+
+logger = logging.getLogger(__name__)
 
 
 class DivergenceError(RuntimeError):
@@ -173,7 +176,7 @@ class PixelFlowLitModule(L.LightningModule):
         root = self.trainer.strategy.model
         by_value = bool(gradient_clip_val) and gradient_clip_algorithm == "value"
         max_norm = float(gradient_clip_val) if gradient_clip_val and not by_value else math.inf
-        if isinstance(root, FullyShardedDataParallel):  # torch.nn.utils.clip_grad_norm_ would see only local shards
+        if is_fsdp(self.trainer):  # torch.nn.utils.clip_grad_norm_ would see only local shards
             norm = root.clip_grad_norm_(max_norm)
         else:
             params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -195,8 +198,8 @@ class PixelFlowLitModule(L.LightningModule):
         self.log("train/skipped_steps", float(self.skipped_steps))
         if not finite:
             step = self.global_step  # Lightning counts the step after this hook
-            print(f"[pixelflow] step {step}: non-finite loss or gradient norm, optimizer step skipped "
-                  f"({self._nonfinite_streak} in a row, {self.skipped_steps} in total)")
+            logger.warning("step %d: non-finite loss or gradient norm, optimizer step skipped (%d in a row, %d in total)",
+                           step, self._nonfinite_streak, self.skipped_steps)
             if self._nonfinite_streak >= self.max_nonfinite_steps:
                 callback = self.trainer.checkpoint_callback
                 last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "") or self.trainer.ckpt_path
@@ -217,7 +220,6 @@ class PixelFlowLitModule(L.LightningModule):
             "model": model_kwargs(self.model),
             "schedule": asdict(self.schedule),
             "class_names": self.class_names,
-            "has_ema": bool(self.ema_decays),
             "ema_decays": self.ema_decays,  # state_dict keys emas.<i>.module.* hold rate ema_decays[i]
             "text_encoder": None if self.text_encoder is None else self.text_encoder.spec,  # how to build it again
             "nonfinite_steps": {"skipped": self.skipped_steps, "streak": self._nonfinite_streak},
@@ -228,13 +230,9 @@ class PixelFlowLitModule(L.LightningModule):
                                   f"NaN or inf (e.g. {bad[:3]}); the last checkpoint on disk is unchanged")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the non-finite step counters; resume checkpoints written before several EMAs existed (one EMA
-        under ``ema.``) as ``emas.0.``."""
-        counts = checkpoint.get("pixelflow", {}).get("nonfinite_steps", {})
-        self.skipped_steps, self._nonfinite_streak = counts.get("skipped", 0), counts.get("streak", 0)
-        state = checkpoint.get("state_dict", {})  # FSDP restores the weights itself
-        for key in [k for k in state if k.startswith("ema.")]:
-            state["emas.0." + key[len("ema."):]] = state.pop(key)
+        """Restore the non-finite step counters (Lightning restores weights, optimizer and loop state)."""
+        counts = checkpoint["pixelflow"]["nonfinite_steps"]
+        self.skipped_steps, self._nonfinite_streak = counts["skipped"], counts["streak"]
 
     def init_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Start training from ``state`` (a model state_dict): strict load into the live model and every EMA."""

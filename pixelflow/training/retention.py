@@ -8,6 +8,7 @@ readable one by global step; :class:`RetainingCheckpoint` deletes what is no lon
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 __all__ = ["checkpoint_step", "newest_checkpoint", "ResumeChoice", "RetainingCheckpoint"]
+
+logger = logging.getLogger(__name__)
 
 
 def checkpoint_step(path: str | Path) -> int:
@@ -126,5 +129,5 @@ class RetainingCheckpoint(ModelCheckpoint):
         for path in doomed:
             trainer.strategy.remove_checkpoint(path)
         if doomed:
-            print(f"[pixelflow] checkpoint retention: deleted {', '.join(p.name for p in doomed)}")
+            logger.info("checkpoint retention: deleted %s", ", ".join(p.name for p in doomed))
         return doomed

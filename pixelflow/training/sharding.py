@@ -1,9 +1,11 @@
-"""FSDP helpers: gather a full (unsharded) copy of a submodule, for rank-0 work such as exporting."""
+"""FSDP helpers: whether a run shards its model, and a full (unsharded) copy of a submodule for rank-0 work such
+as exporting."""
 
 from __future__ import annotations
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.distributed.fsdp import FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -15,7 +17,9 @@ __all__ = ["is_fsdp", "gather_model"]
 
 
 def is_fsdp(trainer: L.Trainer) -> bool:
-    return isinstance(trainer.strategy.model, FSDP)
+    """Whether ``trainer`` shards the model with FSDP. Asks the strategy, so it holds before ``fit`` wraps the
+    model too; from setup on, the strategy's root module is then a ``FullyShardedDataParallel``."""
+    return isinstance(trainer.strategy, FSDPStrategy)
 
 
 def gather_model(trainer: L.Trainer, model: nn.Module) -> PixelFlowTransformer | None:

@@ -1,6 +1,7 @@
 """Start-up checks (global batch invariant, group/experiment conflicts) and config composition of the recipes."""
 
 import itertools
+import logging
 
 import lightning as L
 import pytest
@@ -75,13 +76,14 @@ def test_every_experiment_composes_with_every_callbacks_logger_trainer_choice(ex
         assert len(built) == (0 if callbacks == "none" else len(cfg.callbacks))
 
 
-def test_quickstart_without_callbacks_builds_a_trainer_without_them(tmp_path, capsys):
+def test_quickstart_without_callbacks_builds_a_trainer_without_them(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pixelflow")
     cfg = compose_train("experiment=mnist_quickstart", "callbacks=none", "logger=none", "model=test",
                         f"paths.root_dir={tmp_path}")
     trainer, _, _ = build_training(cfg)
     assert not [c for c in trainer.callbacks
                 if type(c).__module__.startswith(("pixelflow.training.callbacks", "pixelflow.training.eval_callback"))]
-    assert "callbacks=none: ignoring callbacks.checkpoint, callbacks.evaluate, callbacks.sample_grid" in capsys.readouterr().out
+    assert "callbacks=none: ignoring callbacks.checkpoint, callbacks.evaluate, callbacks.sample_grid" in caplog.text
 
 
 def test_settings_for_a_callback_the_option_does_not_define_fail_at_start_up_naming_it(tmp_path):

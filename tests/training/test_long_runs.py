@@ -4,6 +4,7 @@ init_from fine-tuning, and FSDP optimizer steps on CPU. Test names carry the pat
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 import signal
@@ -90,7 +91,7 @@ def straight_run(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_hpc_requeue_resumes_from_the_signal_not_from_last_ckpt(tmp_path, monkeypatch, capsys, straight_run):
+def test_hpc_requeue_resumes_from_the_signal_not_from_last_ckpt(tmp_path, monkeypatch, caplog, straight_run):
     """A SLURM job signalled at step 3 (last.ckpt at step 2) resumes at step 3 and ends where a straight run does."""
     requeued = tmp_path / "requeued"
     bin_dir = tmp_path / "bin"
@@ -110,15 +111,16 @@ def test_hpc_requeue_resumes_from_the_signal_not_from_last_ckpt(tmp_path, monkey
             signal.signal(signal.SIGUSR1, previous)
     assert (tmp_path / "requeue_args").read_text().split() == ["requeue", "4242"]
     assert checkpoint_step(requeued / "hpc_ckpt_1.ckpt") == 3 and checkpoint_step(requeued / "checkpoints" / "last.ckpt") == 2
-    capsys.readouterr()
-    _train(requeued, 4)  # the requeued job runs the same command
-    assert "resuming from " + str(requeued / "hpc_ckpt_1.ckpt") + " (step 3)" in capsys.readouterr().out
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pixelflow"):
+        _train(requeued, 4)  # the requeued job runs the same command
+    assert "resuming from " + str(requeued / "hpc_ckpt_1.ckpt") + " (step 3)" in caplog.text
     _assert_same_state(straight_run / "checkpoints" / "last.ckpt", requeued / "checkpoints" / "last.ckpt")
     assert not (requeued / "hpc_ckpt_1.ckpt").exists()  # superseded by the step-4 save: retention deleted it
 
 
 @pytest.mark.slow
-def test_truncated_last_ckpt_resume_continues_from_the_newest_readable_checkpoint(tmp_path, capsys, straight_run):
+def test_truncated_last_ckpt_resume_continues_from_the_newest_readable_checkpoint(tmp_path, caplog, straight_run):
     """Killed while writing: last.ckpt and step 3 cut off; resume from step 2 and end where a straight run does."""
     killed = tmp_path / "killed"
     every = ["callbacks.checkpoint.every_n_train_steps=1"]
@@ -126,11 +128,12 @@ def test_truncated_last_ckpt_resume_continues_from_the_newest_readable_checkpoin
     for name in ("last.ckpt", "step_0000003.ckpt"):
         path = killed / "checkpoints" / name
         path.write_bytes(path.read_bytes()[:4096])
-    capsys.readouterr()
-    _train(killed, 4, *every)
-    out = capsys.readouterr().out
-    assert "WARNING: " + str(killed / "checkpoints" / "last.ckpt") in out and "unreadable" in out
-    assert "resuming from " + str(killed / "checkpoints" / "step_0000002.ckpt") + " (step 2)" in out
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pixelflow"):
+        _train(killed, 4, *every)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(str(killed / "checkpoints" / "last.ckpt") in m and "unreadable" in m for m in warned), warned
+    assert "resuming from " + str(killed / "checkpoints" / "step_0000002.ckpt") + " (step 2)" in caplog.text
     _assert_same_state(straight_run / "checkpoints" / "last.ckpt", killed / "checkpoints" / "last.ckpt")
 
 
@@ -261,22 +264,23 @@ def test_retention_configuration_is_checked(tmp_path):
 # --------------------------------------------------------------------------- init_from
 
 @pytest.mark.slow
-def test_init_from_released_model_pt_and_project_ckpt(tmp_path, capsys):
+def test_init_from_released_model_pt_and_project_ckpt(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pixelflow")
     source = tmp_path / "source"
     _train(source, 2)
     released = load_pixelflow(source / "export" / "model.pt").model.state_dict()
     for init in (source / "export" / "model.pt", source / "checkpoints" / "last.ckpt"):
         run_dir = tmp_path / f"tuned_{init.suffix[1:]}"
-        capsys.readouterr()
+        caplog.clear()
         _train(run_dir, 2, f"init_from={init}", "module.lr=0.0")  # lr 0: the weights stay what was loaded
-        assert f"initialised the model and its EMAs from {init}" in capsys.readouterr().out
+        assert f"initialised the model and its EMAs from {init}" in caplog.text
         ckpt = _load(run_dir / "checkpoints" / "last.ckpt")
         for key, value in released.items():
             assert torch.equal(ckpt["state_dict"]["model." + key], value), key
             assert torch.equal(ckpt["state_dict"]["emas.0.module." + key], value), key
         assert ckpt["optimizer_states"][0]["state"][0]["step"] == 2  # a fresh optimizer
     _train(run_dir, 3, f"init_from={init}")  # an existing run resumes; init_from is ignored, and says so
-    assert "ignored: resuming this run from" in capsys.readouterr().out
+    assert "ignored: resuming this run from" in caplog.text
 
 
 def test_init_from_size_mismatch_is_a_clear_error(tmp_path):
@@ -307,13 +311,14 @@ def _grad_norms(run_dir: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_fsdp_optimizer_steps_match_ddp_with_clipping_ema_resume_and_export(tmp_path, capsys):
+def test_fsdp_optimizer_steps_match_ddp_with_clipping_ema_resume_and_export(tmp_path, caplog):
     """Two CPU processes (gloo) under Lightning's FSDPStrategy: steps 0-1, a resume, step 2; clipping (active: the
     global norm is above 0.05), a skipped non-finite step (NaN batch at step 1), EMA, checkpoints and export equal
     the same run under DDP."""
     fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
-    _train(fsdp, 2, *SMALL_CLIP, *FSDP_CPU)
-    assert "sample-grid callback is off" in capsys.readouterr().out
+    with caplog.at_level(logging.INFO, logger="pixelflow"):
+        _train(fsdp, 2, *SMALL_CLIP, *FSDP_CPU)
+    assert "sample-grid callback is off" in caplog.text
     _train(fsdp, 3, *SMALL_CLIP, *FSDP_CPU)  # resume from a full state-dict checkpoint under FSDP
     _train(ddp, 3, *SMALL_CLIP, "trainer=ddp_cpu")
     for step in (1, 2, 3):
@@ -340,22 +345,25 @@ def test_fsdp_optimizer_steps_match_ddp_with_clipping_ema_resume_and_export(tmp_
 
 
 def test_fsdp_clipping_goes_through_the_root_module(tmp_path, monkeypatch):
-    """The clipping hook calls FSDP's clip_grad_norm_ on the root module (Lightning's own norm clipping raises)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
+    """Under an FSDP strategy the clipping hook calls clip_grad_norm_ on the root module, which sees every shard
+    (Lightning's own norm clipping raises)."""
+    from lightning.pytorch.strategies import FSDPStrategy
 
     module = compose_and_build(tmp_path)
     calls = []
 
-    class FakeRoot(FullyShardedDataParallel):
-        def __init__(self):
-            torch.nn.Module.__init__(self)
-
+    class FakeRoot:  # stands in for the FullyShardedDataParallel root: only its clip_grad_norm_ is used
         def clip_grad_norm_(self, max_norm, norm_type=2.0):
             calls.append(max_norm)
             return torch.tensor(0.5)
 
-    class FakeStrategy:
-        model = FakeRoot()
+    class FakeStrategy(FSDPStrategy):
+        def __init__(self):
+            pass
+
+        @property
+        def model(self):
+            return FakeRoot()
 
         @staticmethod
         def reduce_boolean_decision(decision, all=True):

@@ -1,0 +1,119 @@
+"""Comparing training runs: a table of each run's overrides and final metrics, and every metric against the step.
+
+A run is a run directory: its ``.hydra/overrides.yaml`` (the command-line overrides it was started
+with) and ``metrics.jsonl`` (evaluations during training, :mod:`pixelflow.training.eval_callback`).
+Runs are labelled by the overrides they do not share with all the others, so a sweep's table and
+legends show only what was swept.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+
+from pixelflow.training.eval_callback import read_metrics
+
+__all__ = ["run_overrides", "load_runs", "final_rows", "write_tables", "plot_metrics", "compare_runs"]
+
+IGNORED = ("paths.", "trainer.enable_progress_bar", "trainer.enable_model_summary")  # where, not what, a run trains
+
+
+def run_overrides(run_dir: Path) -> list[str]:
+    """The overrides a run was started with (Hydra's ``.hydra/overrides.yaml``), without path settings."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    return [o for o in OmegaConf.to_container(OmegaConf.load(path)) if not o.lstrip("+~").startswith(IGNORED)]
+
+
+def _label(run_dir: Path, overrides: list[str], common: set[str]) -> str:
+    distinct = [o for o in overrides if o not in common]
+    return " ".join(distinct) if distinct else run_dir.name
+
+
+def load_runs(run_dirs: list[Path]) -> list[dict[str, Any]]:
+    """One entry per run: directory, overrides, label (the overrides it does not share with all others), records."""
+    runs = []
+    for run_dir in map(Path, run_dirs):
+        records = read_metrics(run_dir / "metrics.jsonl")
+        if not records:
+            raise ValueError(f"{run_dir / 'metrics.jsonl'} is missing or empty: train with evaluation on "
+                             "(e.g. callbacks/evaluate=mnist_classifier) or pass another run directory")
+        runs.append({"dir": run_dir, "overrides": run_overrides(run_dir), "records": records})
+    common = set.intersection(*(set(r["overrides"]) for r in runs)) if len(runs) > 1 else set()
+    for run in runs:
+        run["label"] = _label(run["dir"], run["overrides"], common)
+    return runs
+
+
+def _series(run: dict[str, Any]) -> dict[float | None, list[dict]]:
+    """The run's records per EMA rate, by step."""
+    by_rate: dict[float | None, list[dict]] = {}
+    for record in sorted(run["records"], key=lambda r: r["step"]):
+        by_rate.setdefault(record["ema_decay"], []).append(record)
+    return by_rate
+
+
+def final_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Metric names and one row per (run, EMA rate): its last evaluation."""
+    metrics = sorted({m for run in runs for r in run["records"] for m in r["metrics"]})
+    rows = []
+    for run in runs:
+        for rate, records in _series(run).items():
+            last = records[-1]
+            rows.append({"run": run["label"], "overrides": " ".join(run["overrides"]), "ema": rate, "step": last["step"],
+                         **{m: last["metrics"].get(m) for m in metrics}})
+    return metrics, rows
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_tables(out: Path, metrics: list[str], rows: list[dict[str, Any]]) -> tuple[Path, Path]:
+    """``out/runs.csv`` and ``out/runs.md`` (a Markdown table) of ``rows``; returns both paths."""
+    columns = ["run", "overrides", "ema", "step", *metrics]
+    with open(out / "runs.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+    (out / "runs.md").write_text("\n".join(lines) + "\n")
+    return out / "runs.csv", out / "runs.md"
+
+
+def plot_metrics(out: Path, runs: list[dict[str, Any]], metrics: list[str]) -> list[Path]:
+    """``out/<metric>.png`` per metric: one line per run and EMA rate against the optimizer step."""
+    paths = []
+    for metric in metrics:
+        fig = Figure(figsize=(6, 4))  # no pyplot: nothing global, no display needed
+        ax = fig.subplots()
+        for run in runs:
+            series = _series(run)
+            for rate, records in series.items():
+                points = [(r["step"], r["metrics"][metric]) for r in records if metric in r["metrics"]]
+                if points:
+                    label = run["label"] if len(series) == 1 else f"{run['label']} (EMA {rate})"
+                    ax.plot(*zip(*points), marker="o", label=label)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        paths.append(out / f"{metric}.png")
+        fig.savefig(paths[-1], dpi=120)
+    return paths
+
+
+def compare_runs(run_dirs: list[Path], out: Path) -> tuple[tuple[Path, Path], list[Path]]:
+    """Write ``out/runs.csv``, ``out/runs.md`` and one plot per metric for ``run_dirs``; returns (tables, plots)."""
+    runs = load_runs(run_dirs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics, rows = final_rows(runs)
+    return write_tables(out, metrics, rows), plot_metrics(out, runs, metrics)
