@@ -236,7 +236,7 @@ def measure_sampling(model: torch.nn.Module, schedule: CascadeSchedule, config: 
 
 def sampling_report(model: PixelFlowTransformer, schedule: CascadeSchedule, args: argparse.Namespace,
                     device: torch.device) -> dict:
-    measured = measure_sampling(model, schedule, SamplerConfig(method="euler", steps=args.sample_steps, cfg=args.cfg),
+    measured = measure_sampling(model, schedule, SamplerConfig(method="euler", steps=args.sample_steps, guidance_scale=args.cfg),
                                 args.sample_batch, args.sample_precision, device, 1)
     model.train()
     return {"images_per_s": measured["images_per_s"], "seconds_per_batch": measured["seconds_per_batch"],
@@ -265,7 +265,7 @@ def sampling_benchmark(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     precision = resolve_precision(args.sample_precision, device)
-    configs = {method: SamplerConfig(method=method, steps=args.sample_steps, cfg=args.cfg) for method in args.methods}
+    configs = {method: SamplerConfig(method=method, steps=args.sample_steps, guidance_scale=args.cfg) for method in args.methods}
     compile_seconds = None
     if args.compile:  # once, for every method's shapes; the timed runs below are then steady state
         shapes = sampling_shapes(schedule, configs.values(), [args.sample_batch])

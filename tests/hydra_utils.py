@@ -29,6 +29,6 @@ def tiny_train_overrides(run_dir: Path, steps: int, extra: list[str] | None = No
         "model=test", f"paths.run_dir={run_dir}", f"trainer.max_steps={steps}", "data.batch_size=8",
         "logger=none", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         f"callbacks.checkpoint.every_n_train_steps={max(steps // 2, 1)}", "callbacks.sample_grid.every_n_steps=0",
-        "callbacks.sample_grid.per_class=1", "callbacks.sample_grid.steps=1", "~callbacks/evaluate",
+        "callbacks.sample_grid.per_class=1", "callbacks.sample_grid.sampler.steps=1", "~callbacks/evaluate",
         *(extra or []),
     ]

@@ -19,7 +19,7 @@ import torch
 from pixelflow.cascade import CascadeSchedule
 from pixelflow.model import PixelFlowTransformer
 from pixelflow.rope import rope_2d
-from pixelflow.sampling.samplers import CascadeNoise, CascadeSampler, SamplerConfig, euler_grid
+from pixelflow.sampling.samplers import CascadeNoise, CascadeSampler, SamplerConfig, euler_time_grid
 
 # Max abs error allowed per group; the *_calls groups count model evaluations per stage
 # (Dopri5 may differ by one attempted step, 6 evaluations, as the golden README allows).
@@ -125,7 +125,7 @@ class GoldenFolder:
             errs = []
             for k in range(sch.num_stages):
                 prefix = f"euler/N{n}_shift{shift}/stage{k}"
-                t = euler_grid(int(n), float(shift))
+                t = euler_time_grid(int(n), float(shift))
                 timesteps = sch.stage_timestep(k, t[:-1], 0.999)
                 errs += [_err(t, s[f"{prefix}/t"]), _err(timesteps, s[f"{prefix}/Timesteps"]),
                          _err(timesteps.float(), s[f"{prefix}/Timesteps_fp32"]), _err(t.float().diff(), s[f"{prefix}/dt_fp32"])]
@@ -152,7 +152,7 @@ class GoldenFolder:
     def _sampler(self, method: str) -> tuple[CascadeSampler, torch.Tensor]:
         st = self.settings
         config = SamplerConfig(method=method, steps=list(st["steps_per_stage"]), shift=float(st["shift"]),
-                               cfg=float(st["guidance_scale"]))
+                               guidance_scale=float(st["guidance_scale"]))
         return CascadeSampler(self.model, self.schedule, config), torch.tensor(st["classes"])
 
     def _noise(self, g) -> CascadeNoise:

@@ -65,7 +65,7 @@ class GoldenT2IFolder:
         stages = range(1, self.schedule.num_stages)
         noise = CascadeNoise(torch.from_numpy(g["init_noise"]), [torch.from_numpy(g[f"block_noise_stage{k}"]) for k in stages])
         config = SamplerConfig(method="euler", steps=list(st["steps"]), shift=float(st["shift"]),
-                               cfg=float(st["guidance_scale"]))
+                               guidance_scale=float(st["guidance_scale"]))
         result = CascadeSampler(self.model, self.schedule, config).sample(text, noise=noise)
         rows = [CheckResult(f"t2i euler stage{k} final", "euler", _err(x, g[f"stage{k}_final"]))
                 for k, x in enumerate(result.stage_finals)]
