@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from pixelflow.sampling.samplers import SamplerConfig
-from tests.hydra_utils import CONF, compose_config
+from tests.hydra_utils import CONF, compose_config, tiny_train_overrides
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 PRESETS = sorted(p.stem for p in (CONF / "sampler").glob("*.yaml"))
@@ -95,6 +95,18 @@ def test_entrypoints_default_to_the_published_and_quickstart_presets(tmp_path):
     assert _sampler(paper.callbacks.evaluate.sampler) == SamplerConfig(method="euler", steps=30, guidance_scale=2.4)
     t2i = compose_config("train", [f"paths.root_dir={tmp_path}", "experiment=mnist_t2i_quickstart"])
     assert _sampler(t2i.callbacks.sample_grid.sampler) == quickstart
+
+
+def test_debug_fast_is_the_tiny_cpu_run_on_top_of_any_experiment(tmp_path):
+    for experiment in ("mnist_quickstart", "mnist_t2i_quickstart", "imagenet256_xl4_24gb"):
+        cfg = compose_config("train", [f"paths.root_dir={tmp_path}", f"experiment={experiment}", "debug=fast"])
+        assert cfg.model.name == "Test/2" and cfg.trainer.accelerator == "cpu" and cfg.trainer.devices == 1
+        assert cfg.trainer.max_steps == 4 and cfg.trainer.accumulate_grad_batches == 1 and cfg.global_batch_size is None
+        assert cfg.trainer.precision == "32-true" and cfg.data.batch_size == 8 and not cfg.logger
+        assert "evaluate" not in cfg.callbacks and cfg.callbacks.sample_grid.sampler.steps == 1
+        assert Path(cfg.paths.run_dir) == tmp_path / "runs" / "debug_fast"  # never the experiment's own run directory
+    tests = compose_config("train", tiny_train_overrides(tmp_path / "run", 6, ["callbacks/evaluate=mnist_classifier"]))
+    assert tests.trainer.max_steps == 6 and Path(tests.paths.run_dir) == tmp_path / "run" and "evaluate" in tests.callbacks
 
 
 @pytest.mark.parametrize("option", ["mnist_classifier", "fid10k"])
