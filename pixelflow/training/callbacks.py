@@ -111,11 +111,11 @@ class SampleGrid(L.Callback):
 def log_sample_grid(loggers: list[Logger], path: Path, step: int) -> None:
     """Send a saved sample grid to every logger: W&B as an image (key ``samples``), any other logger with a folder
     (TensorBoard, CSV) as a PNG copy in ``<log_dir>/samples/``."""
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            logger.log_image(key="samples", images=[str(path)], step=step, caption=[path.stem])
-        elif logger.log_dir is not None:
-            target = Path(logger.log_dir) / "samples" / path.name
+    for run_logger in loggers:
+        if isinstance(run_logger, WandbLogger):
+            run_logger.log_image(key="samples", images=[str(path)], step=step, caption=[path.stem])
+        elif run_logger.log_dir is not None:
+            target = Path(run_logger.log_dir) / "samples" / path.name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
 

@@ -134,8 +134,8 @@ class EvaluateSamples(L.Callback):
             self.metrics_file.parent.mkdir(parents=True, exist_ok=True)
             _write_records(self.metrics_file, [*read_metrics(self.metrics_file), record])
             prefix = "eval" if len(rates) == 1 else f"eval/ema{rate}"
-            for logger in trainer.loggers:
-                logger.log_metrics({f"{prefix}/{k}": v for k, v in record["metrics"].items()}, step=step)
+            for run_logger in trainer.loggers:
+                run_logger.log_metrics({f"{prefix}/{k}": v for k, v in record["metrics"].items()}, step=step)
             shown = ", ".join(f"{k} {v:.4g}" for k, v in record["metrics"].items())
             logger.info("evaluation at step %d (EMA %s, %d samples): %s", step, rate, self.num_samples, shown)
 
