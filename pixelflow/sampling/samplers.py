@@ -105,7 +105,7 @@ class SamplerConfig:
 
     @property
     def doubled(self) -> bool:
-        """Dopri5 integrates the CFG-doubled state, as published: its transition noise covers 2B rows."""
+        """Dopri5 integrates the guidance-doubled state, as published: its transition noise covers 2B rows."""
         return self.method == "dopri5"
 
     def stage_steps(self, num_stages: int) -> tuple[int, ...]:
@@ -122,7 +122,7 @@ class SamplerConfig:
 class CascadeNoise:
     """Every random draw of one sampling run: the stage-0 latent and each transition's block noise.
 
-    For Dopri5 the transition noise covers the CFG-doubled state (2B rows), as in the published code: the
+    For Dopri5 the transition noise covers the guidance-doubled state (2B rows), as in the published code: the
     first B rows (the images') are drawn first, exactly as a fixed-step method's, and the state's second
     half after them, so every method samples the same images' draws from the same seed or generator.
     """
@@ -281,7 +281,7 @@ class CascadeSampler:
         return x, calls
 
     def _dopri5_stage(self, state, stage, cond, weight, on_step):
-        """Adaptive Dopri5 on the CFG-doubled state, as published (torchdiffeq syncs for step control)."""
+        """Adaptive Dopri5 on the guidance-doubled state, as published (torchdiffeq syncs for step control)."""
         table = self.schedule.timestep_tables[stage]
         t0, t_last = float(table[0]), float(table[-1])
         batch, nfe = cond.batch, 0
