@@ -17,20 +17,18 @@ from pixelflow.sampling.samplers import SamplerConfig
 def main(cfg: DictConfig) -> None:
     keep_freed_memory()  # CPU sampling: no page faults on every large tensor (pixelflow/host_memory.py)
     try:
+        sampler = SamplerConfig.from_mapping(OmegaConf.to_container(cfg.sampler, resolve=True))
         loaded = load_pixelflow(cfg.ckpt, cfg.config, allow_download=cfg.allow_download, ema=cfg.ema)
-    except CheckpointError as err:
+    except (ValueError, CheckpointError) as err:
         sys.exit(f"error: {err}")
-    sampler_cfg = OmegaConf.to_container(cfg.sampler, resolve=True)
-    if sampler_cfg["guidance_interval"] is not None:
-        sampler_cfg["guidance_interval"] = tuple(sampler_cfg["guidance_interval"])
     fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices)
     fabric.launch()
     classes = list(cfg.classes) if cfg.classes is not None else None
     try:
         prompts = prompt_set(list(cfg.prompts) if OmegaConf.is_list(cfg.prompts) else cfg.prompts, cfg.prompts_file)
-        generate(loaded, SamplerConfig(**sampler_cfg), cfg.out_dir, cfg.num_samples, cfg.batch_size, cfg.seed,
+        generate(loaded, sampler, cfg.out_dir, cfg.num_samples, cfg.batch_size, cfg.seed,
                  classes, cfg.save_png, fabric, cfg.precision, cfg.device_memory_gib, prompts, cfg.negative_prompt,
-                 cfg.text_encoder, compile=cfg.compile)  # compiled after the memory check; its time printed apart
+                 cfg.text_encoder, compile=cfg.compile)  # compiled after the memory check; its time logged apart
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
 

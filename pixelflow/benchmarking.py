@@ -60,7 +60,7 @@ class BenchmarkConfig:
     steps: int = 3  # timed optimizer steps (after one warm-up)
     sample_batch: int = 4  # training benchmark: images of its sampling figure (0: none)
     sample_steps: int = 2  # steps per stage (Euler, Heun, AB2; Dopri5 adapts)
-    cfg: float = 4.0
+    guidance_scale: float = 4.0
     sample_precision: str = "auto"  # pixelflow.precision: auto = bf16 on CUDA, fp32 elsewhere
     padding: bool = True  # compare with one padded batch at the full size
     sampling: bool = False  # measure sampling only: every method in ``methods``
@@ -219,12 +219,12 @@ def _measure_sampling(model: torch.nn.Module, schedule: CascadeSchedule, sampler
 def _sampling_figure(recipe: Recipe) -> dict:
     """The training benchmark's sampling figure: one timed Euler run of the recipe's (training) network."""
     c = recipe.config
-    measured = _measure_sampling(recipe.model, recipe.schedule, SamplerConfig(method="euler", steps=c.sample_steps, cfg=c.cfg),
+    measured = _measure_sampling(recipe.model, recipe.schedule, SamplerConfig(method="euler", steps=c.sample_steps, guidance_scale=c.guidance_scale),
                                  c.sample_batch, c.sample_precision, recipe.device, 1)
     recipe.model.train()
     return {"images_per_s": measured["images_per_s"], "seconds_per_batch": measured["seconds_per_batch"],
             "batch": c.sample_batch, "precision": resolve_precision(c.sample_precision, recipe.device),
-            "steps_per_stage": c.sample_steps, "cfg": c.cfg, "model_calls": int(measured["forward_calls_per_batch"]),
+            "steps_per_stage": c.sample_steps, "guidance_scale": c.guidance_scale, "model_calls": int(measured["forward_calls_per_batch"]),
             "model_calls_per_image": measured["model_calls_per_image"]}
 
 
@@ -252,7 +252,7 @@ def _sampling_benchmark(config: BenchmarkConfig) -> dict:
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     precision = resolve_precision(config.sample_precision, device)
-    sampler_configs = {m: SamplerConfig(method=m, steps=config.sample_steps, cfg=config.cfg) for m in config.methods}
+    sampler_configs = {m: SamplerConfig(method=m, steps=config.sample_steps, guidance_scale=config.guidance_scale) for m in config.methods}
     compile_seconds = None
     if config.compile:  # once, for every method's shapes; the timed runs below are then steady state
         shapes = sampling_shapes(schedule, sampler_configs.values(), [config.sample_batch])
@@ -263,7 +263,7 @@ def _sampling_benchmark(config: BenchmarkConfig) -> dict:
             "params": sum(p.numel() for p in model.parameters()), "image_size": schedule.image_size,
             "num_stages": schedule.num_stages, **_machine(device), "host_memory_kept": host_memory_kept,
             "sampling": {"batch": config.sample_batch, "precision": precision, "steps_per_stage": config.sample_steps,
-                         "cfg": config.cfg, "timed_runs": config.repeats, "compile": config.compile,
+                         "guidance_scale": config.guidance_scale, "timed_runs": config.repeats, "compile": config.compile,
                          "compile_seconds": compile_seconds, "methods": methods}}
 
 
@@ -287,9 +287,9 @@ def _training_benchmark(config: BenchmarkConfig) -> dict:
     }
     peak_tflops = device_peak_tflops(device, config.peak_tflops)
     if device.type == "meta":
-        guidance = 2 if config.cfg > 1 else 1  # a guided call runs the conditional and the unconditional row
+        guidance = 2 if config.guidance_scale > 1 else 1  # a guided call runs the conditional and the unconditional row
         sample_flops = stage_forward_flops(recipe.model, recipe.schedule, 1, device) * config.sample_steps * guidance
-        result["sample"] = {"flops_per_image": sample_flops, "steps_per_stage": config.sample_steps, "cfg": config.cfg}
+        result["sample"] = {"flops_per_image": sample_flops, "steps_per_stage": config.sample_steps, "guidance_scale": config.guidance_scale}
         for part, flops in ((result["train"], flops_per_image), (result["sample"], sample_flops)):
             part["estimated_images_per_s"] = (
                 {f"mfu_{m:.2f}": m * peak_tflops * 1e12 / flops for m in config.assumed_mfu} if peak_tflops else None)

@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, Path | N
     p.add_argument("--steps", type=int, default=d.steps, help="timed optimizer steps (after one warm-up)")
     p.add_argument("--sample-batch", type=int, default=d.sample_batch, help="0 skips the sampling figure of a training run")
     p.add_argument("--sample-steps", type=int, default=d.sample_steps, help="steps per stage (Euler, Heun, AB2; Dopri5 adapts)")
-    p.add_argument("--cfg", type=float, default=d.cfg)
+    p.add_argument("--guidance-scale", type=float, default=d.guidance_scale)
     p.add_argument("--sample-precision", choices=PRECISIONS, default=d.sample_precision,
                    help="sampling precision (pixelflow/precision.py): auto = bf16 on CUDA, fp32 elsewhere")
     p.add_argument("--no-padding", dest="padding", action="store_false", help="skip the padded-batch comparison")

@@ -210,7 +210,7 @@ def measure_sampling_forward(model: str, depth: int, image_size: int, batch: int
     """One guided velocity call at the full size on CPU (no_grad): its high-water above the weights."""
     torch.manual_seed(0)
     net = build_model(model, num_classes=num_classes, depth=depth).eval()
-    sampler = CascadeSampler(net, CascadeSchedule(image_size=image_size), SamplerConfig(cfg=2.0))
+    sampler = CascadeSampler(net, CascadeSchedule(image_size=image_size), SamplerConfig(guidance_scale=2.0))
     x, labels = torch.randn(batch, 3, image_size, image_size), torch.zeros(batch, dtype=torch.long)
     tracker = TensorMemoryTracker()
     tracker.track(*net.parameters(), x, labels)
@@ -242,7 +242,7 @@ def measure_sampling_run(model: str, image_size: int, batch: int, method: str, p
         for p in net.parameters():  # the published init zeroes the output: a random net exercises the integrator
             p.normal_(0, 0.05)
     schedule = CascadeSchedule(image_size=image_size)
-    sampler = CascadeSampler(net, schedule, SamplerConfig(method=method, steps=2, cfg=2.0))
+    sampler = CascadeSampler(net, schedule, SamplerConfig(method=method, steps=2, guidance_scale=2.0))
     labels = torch.arange(batch) % 10
     tracker = TensorMemoryTracker()
     tracker.track(*net.parameters(), labels)
@@ -267,7 +267,7 @@ def measure_text_forward(depth: int, precision: str, image_size: int = 64, text_
     class-to-image forward model predicts for the same width, depth and tokens (the rest is the text's)."""
     torch.manual_seed(0)
     net = build_model("T2I-XL/4", depth=depth).eval()
-    sampler = CascadeSampler(net, CascadeSchedule(image_size=image_size), SamplerConfig(cfg=2.0))
+    sampler = CascadeSampler(net, CascadeSchedule(image_size=image_size), SamplerConfig(guidance_scale=2.0))
     x = torch.randn(1, 3, image_size, image_size)
     text = TextCondition(torch.randn(2, text_length, net.cross_attention_dim), torch.ones(2, text_length, dtype=torch.long))
     tracker = TensorMemoryTracker()

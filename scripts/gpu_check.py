@@ -40,7 +40,8 @@ def sampling_checks(model: str, image_size: int, batch: int, euler_steps: int, d
     schedule = CascadeSchedule(image_size=image_size)
     labels = torch.arange(batch, device=device) % 1000
     report, images = {}, {}
-    for method, config in (("euler", SamplerConfig(steps=euler_steps, cfg=4.0)), ("dopri5", SamplerConfig(method="dopri5", cfg=2.4))):
+    for method, config in (("euler", SamplerConfig(steps=euler_steps, guidance_scale=4.0)),
+                           ("dopri5", SamplerConfig(method="dopri5", guidance_scale=2.4))):
         noise = CascadeNoise.draw(schedule, batch, 3, method == "dopri5", torch.Generator(device).manual_seed(0), device)
         for precision in ("bf16", "fp32"):
             sampler = CascadeSampler(net, schedule, config)
@@ -81,7 +82,8 @@ def text_memory_checks(model: str, image_size: int, batches: tuple[int, ...], te
             torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         with sampling_precision("bf16", device):
-            CascadeSampler(net, schedule, SamplerConfig(steps=2, cfg=4.0)).sample(text, generator=torch.Generator(device).manual_seed(0))
+            CascadeSampler(net, schedule, SamplerConfig(steps=2, guidance_scale=4.0)).sample(
+                text, generator=torch.Generator(device).manual_seed(0))
         benchmark.synchronize(device)
         report[f"batch_{batch}"] = {
             "seconds": time.perf_counter() - start,

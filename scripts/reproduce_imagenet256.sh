@@ -92,7 +92,7 @@ if (( ${#missing[@]} )); then
 fi
 
 print_plan
-"$PYTHON" "$ROOT/sample.py" ckpt="$CKPT_DIR/model.pt" num_samples="$NUM_SAMPLES" sampler.method=dopri5 sampler.cfg=2.4 \
+"$PYTHON" "$ROOT/sample.py" ckpt="$CKPT_DIR/model.pt" num_samples="$NUM_SAMPLES" sampler=paper_dopri5 \
   batch_size=16 precision=auto out_dir="$OUT_DIR" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
 "$PYTHON" "$ROOT/evaluate.py" samples="$OUT_DIR/samples.npz" ref="$REF" device="$DEVICE" \
   inception_weights="${INCEPTION_WEIGHTS:-null}" out="$OUT_DIR/metrics.json"

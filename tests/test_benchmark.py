@@ -18,7 +18,7 @@ def _script(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedPr
 
 def test_benchmark_command_prints_and_writes_the_same_json(tmp_path):
     out = tmp_path / "runs" / "sampling.json"
-    proc = _script("benchmark.py", "--sampling", "--model", "Test/2", "--num-stages", "2", "--methods", "euler", "--cfg", "1",
+    proc = _script("benchmark.py", "--sampling", "--model", "Test/2", "--num-stages", "2", "--methods", "euler", "--guidance-scale", "1",
                    "--sample-batch", "1", "--sample-steps", "1", "--repeats", "1", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     printed = json.loads(proc.stdout)

@@ -38,7 +38,7 @@ def test_meta_device_counts_flops_without_memory():
 
 
 def test_sampling_benchmark_reports_every_method_with_counted_model_calls():
-    result = run_benchmark(BenchmarkConfig(sampling=True, model="Test/2", sample_batch=2, sample_steps=3, cfg=4, repeats=1))
+    result = run_benchmark(BenchmarkConfig(sampling=True, model="Test/2", sample_batch=2, sample_steps=3, guidance_scale=4, repeats=1))
     assert json.loads(json.dumps(result)) == result
     sampling = result["sampling"]
     assert (sampling["batch"], sampling["precision"], sampling["steps_per_stage"]) == (2, "fp32", 3)
@@ -56,7 +56,7 @@ def test_sampling_benchmark_reports_every_method_with_counted_model_calls():
 @pytest.mark.slow
 def test_sampling_benchmark_compiles_first_and_reports_the_compile_time_apart():
     result = run_benchmark(BenchmarkConfig(sampling=True, compile=True, model="Test/2", num_stages=2, methods=("euler",),
-                                           cfg=1, sample_batch=2, sample_steps=2, repeats=1))
+                                           guidance_scale=1, sample_batch=2, sample_steps=2, repeats=1))
     sampling = result["sampling"]
     assert sampling["compile"] and sampling["compile_seconds"] > 0
     assert sampling["methods"]["euler"]["model_calls_per_image"] == 2 * 2 and sampling["methods"]["euler"]["seconds_per_image"] > 0

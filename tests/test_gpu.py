@@ -20,7 +20,7 @@ GIB = 2**30
 
 def test_bf16_sampling_on_cuda_agrees_with_fp32(tiny_model, tiny_schedule):
     model = tiny_model.cuda()
-    sampler = CascadeSampler(model, tiny_schedule, SamplerConfig(steps=4, cfg=3.0))
+    sampler = CascadeSampler(model, tiny_schedule, SamplerConfig(steps=4, guidance_scale=3.0))
     labels = torch.arange(6, device="cuda") % 10
     noise = CascadeNoise.draw(tiny_schedule, 6, 3, False, torch.Generator("cuda").manual_seed(0), "cuda")
     exact = sampler.sample(labels, noise=noise).images
@@ -38,7 +38,7 @@ def test_sampling_peak_at_the_default_batch_is_under_22_gib():
     with torch.device("cuda"):
         net = build_model("XL/4", num_classes=1000).eval()
     schedule = CascadeSchedule(image_size=256)
-    sampler = CascadeSampler(net, schedule, SamplerConfig(method="dopri5", cfg=2.4, atol=0.1, rtol=0.1))
+    sampler = CascadeSampler(net, schedule, SamplerConfig(method="dopri5", guidance_scale=2.4, atol=0.1, rtol=0.1))
     torch.cuda.reset_peak_memory_stats()
     with sampling_precision("bf16", "cuda"):
         sampler.sample(torch.arange(16, device="cuda"), generator=torch.Generator("cuda").manual_seed(0))

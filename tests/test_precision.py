@@ -30,7 +30,7 @@ def test_bf16_sampling_agrees_with_fp32_on_the_same_noise(tiny_model, tiny_sched
 
     Tolerance: pixel values in [-1, 1] within 0.05 at most and 0.005 on average over 4 stages x 4 Euler steps with
     CFG 3 (measured: 0.015 and 0.0024; the fp32 path itself is golden-checked elsewhere)."""
-    sampler = CascadeSampler(tiny_model, tiny_schedule, SamplerConfig(steps=4, cfg=3.0))
+    sampler = CascadeSampler(tiny_model, tiny_schedule, SamplerConfig(steps=4, guidance_scale=3.0))
     labels = torch.arange(6) % 10
     noise = CascadeNoise.draw(tiny_schedule, 6, 3, False, torch.Generator().manual_seed(0))
     with sampling_precision("fp32", "cpu") as name:

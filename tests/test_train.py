@@ -144,7 +144,7 @@ data: {batch_size: 8}
 trainer: {enable_progress_bar: false}
 callbacks:
   checkpoint: {every_n_train_steps: 2}
-  sample_grid: {every_n_steps: 0, per_class: 1, steps: 1}
+  sample_grid: {every_n_steps: 0, per_class: 1, sampler: {steps: 1}}
   evaluate: {every_n_steps: 2, num_samples: 20, batch_size: 10, sampler: {steps: 1}, num_ref: 200}
 """
 

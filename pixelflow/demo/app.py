@@ -1,7 +1,7 @@
 """The PixelFlow web demo page (gradio Blocks), wired on top of :mod:`pixelflow.demo.service`.
 
 ``build_demo(cfg)`` makes the page (a help page when no checkpoint is found); ``launch(cfg)`` serves it.
-``cfg`` is ``conf/demo.yaml`` (see that file for every key).
+``cfg`` is ``conf/demo.yaml`` composed (see that file for every key; ``sampler`` is a ``conf/sampler`` preset).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import gradio as gr
 
 from pixelflow.checkpoint import HUB_PREFIX, CheckpointError
 from pixelflow.demo.service import FIELDS, RANGES, DemoInputError, DemoModel, checkpoint_help, resolve_path, upscale_nearest, write_zip
+from pixelflow.sampling.samplers import SamplerConfig
 
 __all__ = ["build_demo", "launch"]
 
@@ -69,18 +70,19 @@ def _generate_handler(dm: DemoModel, display_size: int, zip_root: Path):
     """
     sides, num_stages = dm.stage_sides, len(dm.stage_sides)
     conditions = _condition_names(dm)
-    names = [*conditions, "dopri5", "shift", "cfg", *(f"steps_{k + 1}" for k in range(num_stages)), "seed", "num_images"]
+    names = [*conditions, "dopri5", "shift", "guidance_scale", *(f"steps_{k + 1}" for k in range(num_stages)), "seed",
+             "num_images"]
 
     def generate(*args: Any) -> tuple[list, list, Any, str]:
         *values, progress = args  # gradio appends the request's Progress tracker (see the signature below)
         if len(values) != len(names):
             raise gr.Error(f"expected {len(names)} values ({', '.join(names)}), got {len(values)}", title="Invalid input")
-        condition, (dopri5, shift, cfg, *steps, seed, num_images) = values[:len(conditions)], values[len(conditions):]
+        condition, (dopri5, shift, guidance_scale, *steps, seed, num_images) = values[:len(conditions)], values[len(conditions):]
         try:
             if dm.is_text:
-                request = dm.validate(None, dopri5, shift, cfg, steps, seed, num_images, *condition)
+                request = dm.validate(None, dopri5, shift, guidance_scale, steps, seed, num_images, *condition)
             else:
-                request = dm.validate(*condition, dopri5, shift, cfg, steps, seed, num_images)
+                request = dm.validate(*condition, dopri5, shift, guidance_scale, steps, seed, num_images)
         except DemoInputError as err:
             raise gr.Error(str(err), title="Invalid input", print_exception=False) from err
 
@@ -103,7 +105,8 @@ def _generate_handler(dm: DemoModel, display_size: int, zip_root: Path):
         zip_path = write_zip(result, folder / f"{request.file_stem}.zip", dm.source)
         method = "Dopri5" if request.dopri5 else f"Euler, steps {'/'.join(map(str, request.steps))}"
         status = (f"{request.num_images} image(s) {subject} · seed {request.seed} · {method} · "
-                  f"CFG {request.cfg:g} · shift {request.shift:g} · {sum(result.nfe)} model calls · {result.seconds:.1f} s")
+                  f"guidance {request.guidance_scale:g} · shift {request.shift:g} · {sum(result.nfe)} model calls · "
+                  f"{result.seconds:.1f} s")
         download = gr.DownloadButton(f"Download {request.num_images} PNG(s) (zip)", value=str(zip_path), interactive=True)
         return gallery, previews, download, status
 
@@ -114,15 +117,20 @@ def _generate_handler(dm: DemoModel, display_size: int, zip_root: Path):
 
 
 def _controls(dm: DemoModel, init: Mapping[str, Any]) -> list[gr.components.Component]:
-    """The published demo's controls plus the number of images, initialised from ``cfg.controls``."""
-    steps_init = init["steps"]
-    steps_init = [steps_init] * len(dm.stage_sides) if isinstance(steps_init, int) else list(steps_init)
+    """The published demo's controls plus the number of images, initialised from ``cfg.controls`` (the condition,
+    seed and number of images) and the sampler preset ``dm.sampler`` (method, steps, shift, guidance scale)."""
+    sampler = dm.sampler
+    try:
+        steps = list(sampler.stage_steps(len(dm.stage_sides)))
+    except ValueError as err:
+        raise ValueError(f"demo config sampler: {err}") from err
     condition = (None,) if dm.is_text else (init["class_index"],)
     text = (init.get("prompt", ""), init.get("negative_prompt", "")) if dm.is_text else ()
     try:
-        req = dm.validate(*condition, init["dopri5"], init["shift"], init["cfg"], steps_init, init["seed"], init["num_images"], *text)
+        req = dm.validate(*condition, sampler.method == "dopri5", sampler.shift, sampler.guidance_scale, steps, init["seed"],
+                          init["num_images"], *text)
     except DemoInputError as err:
-        raise ValueError(f"demo config controls: {err}") from err
+        raise ValueError(f"demo config (controls and sampler): {err}") from err
     if dm.is_text:
         conditions = [gr.Textbox(req.prompt, label=FIELDS["prompt"], placeholder="what to draw, e.g. a handwritten seven",
                                  lines=2, elem_id="prompt"),
@@ -133,13 +141,14 @@ def _controls(dm: DemoModel, init: Mapping[str, Any]) -> list[gr.components.Comp
                                   label=FIELDS["class_value"], elem_id="class")]
     dopri5 = gr.Checkbox(req.dopri5, label=FIELDS["dopri5"], info="adaptive ODE solver; ignores the step sliders", elem_id="dopri5")
     shift = gr.Slider(*RANGES["shift"], value=req.shift, step=0.5, label=FIELDS["shift"], elem_id="shift")
-    cfg = gr.Slider(*RANGES["cfg"], value=req.cfg, step=0.5, label=FIELDS["cfg"], elem_id="cfg")
+    guidance_scale = gr.Slider(*RANGES["guidance_scale"], value=req.guidance_scale, step=0.5, label=FIELDS["guidance_scale"],
+                               elem_id="guidance_scale")
     steps = [gr.Slider(*RANGES["steps"], value=s, step=1, label=f"{FIELDS['steps']} (stage {k + 1}, {side} px)", elem_id=f"steps{k}")
              for k, (s, side) in enumerate(zip(req.steps, dm.stage_sides))]
     seed = gr.Number(req.seed, precision=0, minimum=RANGES["seed"][0], maximum=RANGES["seed"][1], label=FIELDS["seed"], elem_id="seed")
     num_images = gr.Slider(1, dm.max_images, value=req.num_images, step=1, label=FIELDS["num_images"], elem_id="num_images")
     dopri5.change(lambda on: [gr.Slider(interactive=not on) for _ in steps], dopri5, steps, queue=False, api_visibility="private")
-    return [*conditions, dopri5, shift, cfg, *steps, seed, num_images]
+    return [*conditions, dopri5, shift, guidance_scale, *steps, seed, num_images]
 
 
 def build_demo(cfg: Mapping[str, Any]) -> gr.Blocks:
@@ -150,13 +159,14 @@ def build_demo(cfg: Mapping[str, Any]) -> gr.Blocks:
     if path.is_dir():  # an export folder: its model.pt or model.safetensors (config.yaml beside it)
         path = next((path / n for n in ("model.pt", "model.safetensors") if (path / n).is_file()), path / "model.pt")
     dm, problem = None, None
+    sampler = SamplerConfig.from_mapping(cfg["sampler"], "demo config sampler")
     if not hub and not path.exists():
         problem = checkpoint_help(path)
     else:
         try:
             dm = DemoModel.load(str(cfg["ckpt"]) if hub else path, resolve_path(cfg["config"]) if cfg.get("config") else None,
                                 cfg["device"], _positive_int(cfg, "max_images"), bool(cfg.get("allow_download", False)),
-                                cfg.get("ema"), cfg.get("precision", "auto"), cfg.get("text_encoder"))
+                                cfg.get("ema"), cfg.get("precision", "auto"), cfg.get("text_encoder"), sampler)
         except CheckpointError as err:
             problem = checkpoint_help(cfg["ckpt"] if hub else path, str(err))
     if dm is None:
@@ -165,9 +175,10 @@ def build_demo(cfg: Mapping[str, Any]) -> gr.Blocks:
         kind = "text-to-image" if dm.is_text else f"{len(dm.class_names)} classes"
         log.info("loaded %s (%s, %s px, %s)", dm.source, kind, dm.stage_sides[-1], dm.device)
         if cfg.get("compile", False):
-            controls = cfg["controls"]
-            seconds = dm.compile(int(controls["num_images"]), float(controls["cfg"]))
-            log.info("compiled the network in %.1f s (warmed for %s image(s) at CFG %s)", seconds, controls["num_images"], controls["cfg"])
+            num_images = int(cfg["controls"]["num_images"])
+            seconds = dm.compile(num_images, sampler.guidance_scale)
+            log.info("compiled the network in %.1f s (warmed for %s image(s) at guidance %s)", seconds, num_images,
+                     sampler.guidance_scale)
     with gr.Blocks(title="PixelFlow demo", analytics_enabled=bool(cfg.get("analytics", False)),
                    delete_cache=(3600, 3600)) as demo:
         if dm is None:

@@ -13,7 +13,7 @@ import re
 import time
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pixelflow.checkpoint import RELEASED_URL, CheckpointError, LoadedModel, load_pixelflow
-from pixelflow.precision import resolve_precision, sampling_precision
+from pixelflow.precision import resolve_precision
 from pixelflow.sampling.compile import compile_for_sampling, sampling_shapes
+from pixelflow.sampling.indexed import sample_indexed
 from pixelflow.sampling.prompts import load_text_encoder
 from pixelflow.sampling.samplers import CascadeSampler, SamplerConfig, to_uint8
 from pixelflow.text import TextEncoder
@@ -36,9 +37,9 @@ QUICKSTART_CKPT = REPO_ROOT / "runs" / "mnist_quickstart" / "checkpoints" / "las
 
 # Control labels (as in the published demo) and their allowed ranges, shared by the page and the validation.
 FIELDS = dict(class_value="Class", prompt="Prompt", negative_prompt="Negative Prompt", dopri5="Dopri5 ODE",
-              shift="Noise Shift", cfg="Classifier-free Guidance Scale",
+              shift="Noise Shift", guidance_scale="Classifier-free Guidance Scale",
               steps="Num Inference Steps", seed="Seed", num_images="Number of Images")
-RANGES: dict[str, tuple[int, int]] = dict(shift=(1, 100), cfg=(1, 25), steps=(1, 100), seed=(0, 2**32 - 1))
+RANGES: dict[str, tuple[int, int]] = dict(shift=(1, 100), guidance_scale=(1, 25), steps=(1, 100), seed=(0, 2**32 - 1))
 MAX_PROMPT_CHARS = 2000  # longer text is cut by the tokenizer anyway (max_length tokens)
 
 
@@ -48,12 +49,17 @@ class DemoInputError(ValueError):
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One validated request: a class (class-to-image) or a prompt and negative prompt (text-to-image)."""
+    """One validated request: a class (class-to-image) or a prompt and negative prompt (text-to-image).
+
+    Image #i of a request is sample i of a run with seed ``seed``: its noise seed is ``seed * 10**7 + i``
+    (:mod:`pixelflow.sampling.indexed`), so ``sample.py seed=S classes=[C]`` with the same sampler settings starts
+    sample i from the same noise.
+    """
 
     class_index: int | None
     dopri5: bool
     shift: float
-    cfg: float
+    guidance_scale: float
     steps: tuple[int, ...]
     seed: int
     num_images: int
@@ -126,7 +132,7 @@ def upscale_nearest(image: Image.Image, min_side: int) -> Image.Image:
 
 
 def _to_pil(x: torch.Tensor) -> list[Image.Image]:
-    """[-1, 1] NCHW (1 or 3 channels) -> PIL images."""
+    """[-1, 1] NCHW (1 or 3 channels) -> PIL images (the pixels :func:`pixelflow.sampling.indexed.sample_uint8` gives)."""
     arrays = to_uint8(x).numpy()
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]
 
@@ -156,12 +162,18 @@ class DemoModel:
 
     A text-to-image checkpoint loads its text encoder (``text_encoder`` overrides the config's source; see
     :func:`pixelflow.sampling.prompts.load_text_encoder`) on the same device, in bf16 when sampling in bf16.
+    ``sampler``: the settings a request does not set (guidance interval, Dopri5's tolerances) and the page's initial
+    controls; a request picks Euler or Dopri5, the steps, shift and guidance scale.
     """
 
     def __init__(self, loaded: LoadedModel, device: str = "cpu", max_images: int = 4, precision: str = "auto",
-                 text_encoder: str | None = None):
+                 text_encoder: str | None = None, sampler: SamplerConfig | None = None):
         if not isinstance(max_images, int) or max_images < 1:
             raise ValueError(f"max_images must be a positive integer, got {max_images!r}")
+        self.sampler = sampler or SamplerConfig()
+        if self.sampler.method not in ("euler", "dopri5"):
+            raise ValueError(f"sampler.method={self.sampler.method!r}: the demo samples with euler or dopri5 "
+                             "(its Dopri5 checkbox); pick one of those or a preset that uses one (sampler=quickstart)")
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
         self.model = loaded.model.to(self.device).eval()
@@ -186,7 +198,7 @@ class DemoModel:
     @classmethod
     def load(cls, ckpt: str | Path, config: str | Path | None = None, device: str = "auto", max_images: int = 4,
              allow_download: bool = False, ema: float | None = None, precision: str = "auto",
-             text_encoder: str | None = None) -> DemoModel:
+             text_encoder: str | None = None, sampler: SamplerConfig | None = None) -> DemoModel:
         """Load ``ckpt`` (see :func:`load_pixelflow`, ``ema`` picks an EMA rate); ``device="auto"`` picks CUDA when available."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -197,7 +209,7 @@ class DemoModel:
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} was asked for but CUDA is not available; use device=cpu or device=auto")
         return cls(load_pixelflow(ckpt, config, allow_download=allow_download, ema=ema), str(dev), max_images, precision,
-                   text_encoder)
+                   text_encoder, sampler)
 
     @property
     def stage_sides(self) -> list[int]:
@@ -218,7 +230,7 @@ class DemoModel:
             value = int(key)
         return int(_number(FIELDS["class_value"], value, 0, n - 1, whole=True))
 
-    def validate(self, class_value: Any, dopri5: Any, shift: Any, cfg: Any, steps: Sequence[Any], seed: Any,
+    def validate(self, class_value: Any, dopri5: Any, shift: Any, guidance_scale: Any, steps: Sequence[Any], seed: Any,
                  num_images: Any, prompt: Any = None, negative_prompt: Any = None) -> GenerationRequest:
         """Check every raw value (as the page or an API client sent it); raise :class:`DemoInputError` naming the field.
 
@@ -243,7 +255,7 @@ class DemoModel:
             class_index=None if self.is_text else self._class_index(class_value),
             dopri5=dopri5,
             shift=float(_number(FIELDS["shift"], shift, *RANGES["shift"])),
-            cfg=float(_number(FIELDS["cfg"], cfg, *RANGES["cfg"])),
+            guidance_scale=float(_number(FIELDS["guidance_scale"], guidance_scale, *RANGES["guidance_scale"])),
             steps=stage_steps,
             seed=int(_number(FIELDS["seed"], seed, *RANGES["seed"], whole=True)),
             num_images=int(_number(FIELDS["num_images"], num_images, 1, self.max_images, whole=True)),
@@ -251,27 +263,25 @@ class DemoModel:
             negative_prompt=negative_prompt,
         )
 
-    def compile(self, num_images: int, cfg: float) -> float:
-        """torch.compile the network (:mod:`pixelflow.sampling.compile`) warmed for ``num_images`` images at guidance ``cfg``;
-        other request shapes compile when first asked for. Returns the seconds spent compiling."""
-        shapes = sampling_shapes(self.schedule, [SamplerConfig(cfg=cfg)], [num_images])
+    def compile(self, num_images: int, guidance_scale: float) -> float:
+        """torch.compile the network (:mod:`pixelflow.sampling.compile`) warmed for ``num_images`` images at
+        ``guidance_scale``; other request shapes compile when first asked for. Returns the seconds spent compiling."""
+        shapes = sampling_shapes(self.schedule, [replace(self.sampler, guidance_scale=guidance_scale)], [num_images])
         self.model, seconds = compile_for_sampling(self.model, shapes, self.precision, room=2 * self.max_images * len(self.stage_sides))
         return seconds
 
     def generate(self, request: GenerationRequest, on_step: Callable[[int, int, int], None] | None = None) -> Generation:
         """Sample ``request.num_images`` images; the same request (seed included) gives the same pixels."""
         start = time.perf_counter()
-        config = SamplerConfig(method="dopri5" if request.dopri5 else "euler", steps=list(request.steps),
-                               shift=request.shift, cfg=request.cfg)
+        config = replace(self.sampler, method="dopri5" if request.dopri5 else "euler", steps=request.steps,
+                         shift=request.shift, guidance_scale=request.guidance_scale)
         sampler = CascadeSampler(self.model, self.schedule, config)
-        generator = torch.Generator(device=self.device).manual_seed(request.seed)
         if self.encoder is None:
             condition = torch.full((request.num_images,), request.class_index, dtype=torch.long, device=self.device)
         else:
             text = self.encoder.condition([request.prompt] * request.num_images, request.negative_prompt)
             condition = text.to(self.device, torch.float32)
-        with sampling_precision(self.precision, self.device):
-            out = sampler.sample(condition, generator=generator, on_step=on_step)
+        out = sample_indexed(sampler, condition, range(request.num_images), request.seed, self.precision, on_step)
         side = self.schedule.image_size
         per_stage = [_to_pil(F.interpolate(x.float(), size=(side, side), mode="nearest")) for x in out.stage_finals]
         return Generation(request=request, images=_to_pil(out.images.float()),

@@ -19,7 +19,7 @@ from pixelflow.cascade import CascadeSchedule
 from pixelflow.golden.common import CheckResult, load_golden_model, max_abs_error, read_json, require_files, sampler_config
 from pixelflow.golden.sensitivity import rounding_sensitivity
 from pixelflow.rope import rope_2d
-from pixelflow.sampling.samplers import CascadeNoise, CascadeSampler, SampleOutput, euler_grid
+from pixelflow.sampling.samplers import CascadeNoise, CascadeSampler, SampleOutput, euler_time_grid
 
 __all__ = ["GoldenFolder", "patchify"]
 
@@ -97,7 +97,7 @@ class GoldenFolder:
             errs = []
             for k in range(sch.num_stages):
                 prefix = f"euler/N{n}_shift{shift}/stage{k}"
-                t = euler_grid(int(n), float(shift))
+                t = euler_time_grid(int(n), float(shift))
                 timesteps = sch.stage_timestep(k, t[:-1], 0.999)
                 errs += [max_abs_error(t, s[f"{prefix}/t"]), max_abs_error(timesteps, s[f"{prefix}/Timesteps"]),
                          max_abs_error(timesteps.float(), s[f"{prefix}/Timesteps_fp32"]),

@@ -75,7 +75,7 @@ def load_golden_model(constructor: dict[str, Any], forward: np.lib.npyio.NpzFile
 
 def sampler_config(method: str, steps: list[int], shift: float, guidance: float) -> SamplerConfig:
     """The sampler options of a golden run (the only place the golden checks build a SamplerConfig)."""
-    return SamplerConfig(method=method, steps=steps, shift=shift, cfg=guidance)
+    return SamplerConfig(method=method, steps=steps, shift=shift, guidance_scale=guidance)
 
 
 def report(results: list[CheckResult]) -> int:

@@ -11,6 +11,7 @@ text-to-image caller passes its text states the same way.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -24,6 +25,8 @@ from pixelflow.precision import resolve_precision, sampling_precision
 from pixelflow.sampling.samplers import SamplerConfig
 
 __all__ = ["ExampleInputs", "class_inputs", "batch_sizes", "sampling_shapes", "compile_for_sampling", "compile_loaded"]
+
+logger = logging.getLogger(__name__)
 
 # (rows, side, device) -> (args, kwargs) of one network call
 ExampleInputs = Callable[[int, int, torch.device], tuple[tuple[Any, ...], dict[str, Any]]]
@@ -53,13 +56,12 @@ def batch_sizes(num_samples: int, batch_size: int) -> set[int]:
 
 
 def sampling_shapes(schedule: CascadeSchedule, configs: Iterable[SamplerConfig], sizes: Iterable[int]) -> list[tuple[int, int]]:
-    """(rows, side) of every network call the samplers ``configs`` make for batches of ``sizes`` (configs are validated)."""
+    """(rows, side) of every network call the samplers ``configs`` make for batches of ``sizes``."""
     shapes = set()
     sizes = list(sizes)
     for config in configs:
-        config.validate(schedule.num_stages)
         for stage, side in enumerate(schedule.stage_sides):
-            guided = schedule.stage_cfg(config.cfg, stage) != 1.0
+            guided = schedule.stage_cfg(config.guidance_scale, stage) != 1.0
             factors = ({1, 2} if config.guidance_interval is not None else {2}) if guided else {1}
             shapes.update((f * b, side) for f in factors for b in sizes)
     return sorted(shapes)
@@ -94,6 +96,6 @@ def compile_loaded(loaded: LoadedModel, configs: Iterable[SamplerConfig], sizes:
     model = loaded.model.to(device).eval()
     shapes = sampling_shapes(loaded.schedule, configs, sizes)
     compiled, seconds = compile_for_sampling(model, shapes, resolve_precision(precision, device), example_inputs)
-    print(f"[pixelflow] compiled the network for {len(shapes)} sampling shapes in {seconds:.1f} s "
-          "(compile time, not part of the sampling speed)")
+    logger.info("compiled the network for %d sampling shapes in %.1f s (compile time, not part of the sampling speed)",
+                len(shapes), seconds)
     return replace(loaded, model=compiled), seconds

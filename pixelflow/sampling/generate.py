@@ -1,8 +1,8 @@
 """Sample generation at any scale: balanced labels or prompts, one seed per sample index, resumable shards.
 
 Sample i gets label ``classes[i % len(classes)]`` (text-to-image: prompt ``prompts[i % len(prompts)]``
-and that prompt's label, -1 without one) and its own noise seed ``seed * 10**7 + i``,
-so with Euler/Heun its image does not depend on batch size or device count. Every finished
+and that prompt's label, -1 without one) and its own noise seed ``seed * 10**7 + i`` (:mod:`pixelflow.sampling.indexed`),
+so with Euler/Heun/AB2 its image does not depend on batch size or device count. Every finished
 batch is written atomically as a shard; a restarted run skips finished indices, and the final
 ``samples.npz`` (ADM layout) is assembled only when all N indices are present exactly once.
 """
@@ -10,6 +10,7 @@ batch is written atomically as a shard; a restarted run skips finished indices, 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -20,26 +21,21 @@ from lightning.fabric import Fabric
 from tqdm.auto import tqdm
 
 from pixelflow.checkpoint import LoadedModel
+from pixelflow.conditioning import Conditioning
 from pixelflow.images import save_grid, save_pngs
 from pixelflow.metrics.io import write_adm_npz
-from pixelflow.precision import resolve_precision, sampling_precision
+from pixelflow.precision import resolve_precision
 from pixelflow.sampling.compile import compile_loaded
+from pixelflow.sampling.indexed import balanced_labels, sample_uint8
 from pixelflow.sampling.memory import check_sampling_fits
 from pixelflow.sampling.prompts import PromptSet, load_text_encoder
-from pixelflow.sampling.samplers import CascadeNoise, CascadeSampler, SamplerConfig, to_uint8
+from pixelflow.sampling.samplers import CascadeSampler, SamplerConfig
 
-__all__ = ["balanced_labels", "sample_seed", "finished_indices", "generate", "assemble", "device_memory_bytes"]
+__all__ = ["SHARD_DIR", "finished_indices", "generate", "assemble", "device_memory_bytes"]
+
+logger = logging.getLogger(__name__)
 
 SHARD_DIR = "shards"
-
-
-def balanced_labels(num_samples: int, classes: list[int]) -> torch.Tensor:
-    """Label of every sample index: classes cycled, so counts differ by at most one."""
-    return torch.tensor(classes)[torch.arange(num_samples) % len(classes)]
-
-
-def sample_seed(seed: int, index: int) -> int:
-    return seed * 10_000_000 + index
 
 
 def finished_indices(shard_dir: Path) -> set[int]:
@@ -50,7 +46,7 @@ def finished_indices(shard_dir: Path) -> set[int]:
             with np.load(shard, allow_pickle=False) as data:
                 done.update(int(i) for i in data["indices"])
         except (OSError, ValueError, KeyError, EOFError):
-            print(f"[pixelflow] ignoring unreadable shard {shard} (interrupted write?); its samples will be regenerated")
+            logger.warning("ignoring unreadable shard %s (interrupted write?); its samples will be regenerated", shard)
             shard.unlink()
     return done
 
@@ -124,7 +120,7 @@ def generate(loaded: LoadedModel, config: SamplerConfig, out_dir: str | Path, nu
              seed: int = 0, classes: list[int] | None = None, save_png: bool = True, fabric: Fabric | None = None,
              precision: str = "auto", device_memory_gib: float | None = None, prompts: PromptSet | None = None,
              negative_prompt: str = "", text_encoder: str | None = None, compile: bool = False) -> Path:
-    """Generate ``num_samples`` images into ``out_dir`` (shards, PNGs, grid, samples.npz); resumable.
+    """Generate ``num_samples`` images into ``out_dir`` (shards, PNGs, grid.png, samples.npz); resumable.
 
     A text-to-image checkpoint takes ``prompts`` (cycled over the samples; the unconditional branch
     encodes ``negative_prompt``) and encodes them with its config's text encoder, or ``text_encoder``
@@ -132,13 +128,13 @@ def generate(loaded: LoadedModel, config: SamplerConfig, out_dir: str | Path, nu
     runs the text encoder in bf16). A batch the memory model (:mod:`pixelflow.sampling.memory`) says
     will not fit the device (``device_memory_gib``, default a CUDA device's total memory; unchecked on
     CPU; a text encoder on the device counted) is refused before any sampling, and before ``compile``
-    (:func:`pixelflow.sampling.compile.compile_loaded` for the batches still to make; its time printed apart).
+    (:func:`pixelflow.sampling.compile.compile_loaded` for the batches still to make; its time logged apart).
     """
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples} and {batch_size}")
     model, schedule = loaded.model, loaded.schedule
     classes = _check_conditions(loaded, classes, prompts)
-    config.validate(schedule.num_stages)
+    config.stage_steps(schedule.num_stages)  # a wrong per-stage length fails before anything loads
     fabric = fabric or Fabric(accelerator="auto", devices=1)
     precision = resolve_precision(precision, fabric.device)
     encoder = None if prompts is None else load_text_encoder(
@@ -147,7 +143,7 @@ def generate(loaded: LoadedModel, config: SamplerConfig, out_dir: str | Path, nu
     if device_bytes is not None:
         text = {} if encoder is None else dict(text_length=encoder.max_length, encoder_bytes=encoder.device_bytes())
         check_sampling_fits(model, schedule.image_size, min(batch_size, num_samples), config.method, precision,
-                            device_bytes, guided=config.cfg > 1, **text)
+                            device_bytes, guided=config.guidance_scale > 1, **text)
     out_dir = Path(out_dir)
     shard_dir = out_dir / SHARD_DIR
     if fabric.is_global_zero:
@@ -160,27 +156,25 @@ def generate(loaded: LoadedModel, config: SamplerConfig, out_dir: str | Path, nu
     todo = torch.tensor(sorted(set(range(num_samples)) - done), dtype=torch.long)
     batches = [b for i, b in enumerate(todo.split(batch_size)) if i % fabric.world_size == fabric.global_rank]
     if fabric.is_global_zero and done:
-        print(f"[pixelflow] resuming: {len(done)} of {num_samples} samples already in {shard_dir}")
+        logger.info("resuming: %d of %d samples already in %s", len(done), num_samples, shard_dir)
 
     model = model.to(fabric.device).eval()
     if compile and batches:
         model = compile_loaded(replace(loaded, model=model), [config], {len(b) for b in batches}, fabric.device,
                                precision)[0].model
     sampler = CascadeSampler(model, schedule, config)
-    doubled = config.method == "dopri5"
+
+    def condition_of(indices: torch.Tensor) -> Conditioning | torch.Tensor:
+        if encoder is None:
+            return labels[indices]
+        return encoder.condition(prompts.for_indices(indices.tolist())[0], negative_prompt).to(fabric.device, torch.float32)
+
     # tqdm's rate and ETA are in images (this rank's), so they read as images/s and time to finish.
     progress = tqdm(total=sum(len(b) for b in batches), desc=f"sampling ({precision})", unit="img",
                     disable=not fabric.is_global_zero)
     for indices in batches:
-        noise = CascadeNoise.per_sample(schedule, [sample_seed(seed, i) for i in indices.tolist()], model.in_channels,
-                                        doubled, device=fabric.device)
-        if encoder is None:
-            batch_labels = condition = labels[indices]
-        else:
-            batch_prompts, batch_labels = prompts.for_indices(indices.tolist())
-            condition = encoder.condition(batch_prompts, negative_prompt).to(fabric.device, torch.float32)
-        with sampling_precision(precision, fabric.device):
-            images = to_uint8(sampler.sample(condition, noise=noise).images)
+        images = sample_uint8(sampler, condition_of, indices, seed, batch_size, precision)
+        batch_labels = labels[indices] if encoder is None else prompts.for_indices(indices.tolist())[1]
         _write_shard(shard_dir, indices, images, batch_labels)
         if save_png:
             save_pngs(images, batch_labels, indices, out_dir / "images")
@@ -201,6 +195,6 @@ def generate(loaded: LoadedModel, config: SamplerConfig, out_dir: str | Path, nu
         kinds = len(classes) if classes is not None else len(prompts.prompts)
         nrow = min(kinds, 10) if num_samples >= min(kinds, 10) else num_samples
         save_grid(first, out_dir / "grid.png", nrow=nrow, upscale=max(1, 128 // schedule.image_size))
-        print(f"[pixelflow] wrote {num_samples} samples: {path}, grid {out_dir / 'grid.png'}")
+        logger.info("wrote %d samples: %s, sample grid %s", num_samples, path, out_dir / "grid.png")
     fabric.barrier()
     return out_dir / "samples.npz"

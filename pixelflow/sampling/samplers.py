@@ -3,14 +3,16 @@
 One sampler serves class-to-image and text-to-image models: what differs (the model's conditioning
 arguments, the unconditional branch and the stage-wise guidance rule) comes from the
 :class:`~pixelflow.conditioning.Conditioning` it is given. All randomness is drawn up front into a
-:class:`CascadeNoise` (from a ``torch.Generator``) or supplied by the caller, so a seed fully
-determines the images and golden checks can inject the published draws.
+:class:`CascadeNoise`, by the sampler (from per-sample seeds or a ``torch.Generator``) or supplied by the
+caller, so seeds fully determine the images and golden checks can inject the published draws.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from numbers import Integral, Real
+from typing import Any
 
 import torch
 from torchdiffeq import odeint
@@ -20,53 +22,108 @@ from pixelflow.conditioning import Conditioning, as_conditioning
 from pixelflow.model import Modulation
 from pixelflow.sampling.integrators import STEPPERS
 
-__all__ = ["SamplerConfig", "CascadeNoise", "CascadeSampler", "euler_grid", "to_uint8"]
+__all__ = ["METHODS", "SamplerConfig", "CascadeNoise", "CascadeSampler", "SampleOutput", "euler_time_grid", "to_uint8"]
 
 METHODS = ("euler", "heun", "ab2", "dopri5")
-# The Euler grid stops short of 1 and maps its end to the table's last entry.
+# The Euler time grid stops short of 1 and maps its end to the table's last entry.
 _EULER_T_MAX = 0.999
 
 
-@dataclass
-class SamplerConfig:
-    """Sampler options. ``steps`` is per stage (an int means the same for every stage).
+def _number(name: str, value: Any, low: float, strict: bool, meaning: str = "") -> float:
+    """``value`` as a float above ``low`` (or at it unless ``strict``), else a ValueError naming the setting."""
+    ok = isinstance(value, Real) and not isinstance(value, bool) and (value > low if strict else value >= low)
+    if not ok:
+        raise ValueError(f"{name} must be a number {'>' if strict else '>='} {low:g}{meaning}, got {value!r}")
+    return float(value)
 
-    ``guidance_interval`` (lo, hi) limits guidance to global progress T / (N - 1) in [lo, hi];
-    outside it only the conditional branch runs (w = 1). ``None`` (published) guides everywhere.
+
+def _steps(value: Any) -> int | tuple[int, ...]:
+    """One positive step count for every stage, or a tuple of them (one per stage)."""
+    def count(v: Any) -> bool:
+        return isinstance(v, Integral) and not isinstance(v, bool) and v >= 1
+
+    if count(value):
+        return int(value)
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) and all(count(v) for v in value):
+        return tuple(int(v) for v in value)
+    raise ValueError(f"steps must be a positive integer (every stage) or a list of them (one per stage), got {value!r}")
+
+
+def _interval(value: Any) -> tuple[float, float] | None:
+    if value is None:
+        return None
+    if isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2 \
+            and all(isinstance(v, Real) and not isinstance(v, bool) for v in value) and 0 <= value[0] <= value[1] <= 1:
+        return float(value[0]), float(value[1])
+    raise ValueError(f"guidance_interval must be null or [lo, hi] with 0 <= lo <= hi <= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Sampler settings, checked and normalised when made (a list from a config becomes a tuple).
+
+    ``steps``: per stage, one int for every stage or a tuple with one entry per stage (its length is checked
+    against the schedule by :class:`CascadeSampler`); Dopri5 uses neither ``steps`` nor ``shift``.
+    ``guidance_scale``: the classifier-free guidance scale, 1 = no guidance (class conditions: the top of the
+    published stage ramp; text: the weight of every stage). ``guidance_interval`` (lo, hi) limits guidance to
+    global progress T / (N - 1) in [lo, hi]; outside it only the conditional branch runs (w = 1). ``None``
+    (published) guides everywhere. ``atol`` / ``rtol``: Dopri5's tolerances.
     """
 
     method: str = "euler"
-    steps: Sequence[int] | int = 30
+    steps: int | tuple[int, ...] = 30
     shift: float = 1.0
-    cfg: float = 4.0
+    guidance_scale: float = 4.0
     guidance_interval: tuple[float, float] | None = None
     atol: float = 1e-6
     rtol: float = 1e-3
 
-    def validate(self, num_stages: int) -> list[int]:
-        """Check every value; return the per-stage step counts."""
+    def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"sampler method must be one of {METHODS}, got {self.method!r}")
-        steps = [self.steps] * num_stages if isinstance(self.steps, int) else [int(s) for s in self.steps]
-        if len(steps) != num_stages or min(steps) < 1:
-            raise ValueError(f"steps must be {num_stages} positive integers (one per stage), got {self.steps!r}")
-        if not self.shift > 0:
-            raise ValueError(f"shift must be > 0, got {self.shift}")
-        if not self.cfg >= 1:
-            raise ValueError(f"cfg must be >= 1 (1 = no guidance), got {self.cfg}")
-        if self.guidance_interval is not None:
-            lo, hi = self.guidance_interval
-            if not 0 <= lo <= hi <= 1:
-                raise ValueError(f"guidance_interval must satisfy 0 <= lo <= hi <= 1, got {self.guidance_interval}")
-        return steps
+        settle = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        settle("steps", _steps(self.steps))
+        settle("shift", _number("shift", self.shift, 0, strict=True))
+        settle("guidance_scale", _number("guidance_scale", self.guidance_scale, 1, strict=False, meaning=" (1 = no guidance)"))
+        settle("guidance_interval", _interval(self.guidance_interval))
+        settle("atol", _number("atol", self.atol, 0, strict=True))
+        settle("rtol", _number("rtol", self.rtol, 0, strict=True))
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | SamplerConfig, where: str = "sampler") -> SamplerConfig:
+        """A config from a mapping of its fields (e.g. a ``conf/sampler`` preset); ``where`` names it in errors."""
+        if isinstance(values, SamplerConfig):
+            return values
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ValueError(f"{where}: unknown setting(s) {unknown}; a sampler takes {names} (conf/sampler presets)")
+        try:
+            return cls(**dict(values))
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from err
+
+    @property
+    def doubled(self) -> bool:
+        """Dopri5 integrates the guidance-doubled state, as published: its transition noise covers 2B rows."""
+        return self.method == "dopri5"
+
+    def stage_steps(self, num_stages: int) -> tuple[int, ...]:
+        """The step count of each of ``num_stages`` stages."""
+        if isinstance(self.steps, int):
+            return (self.steps,) * num_stages
+        if len(self.steps) != num_stages:
+            raise ValueError(f"sampler steps {list(self.steps)} give {len(self.steps)} stage(s) but the schedule has "
+                             f"{num_stages}: give one count per stage, or one int for every stage")
+        return self.steps
 
 
 @dataclass
 class CascadeNoise:
     """Every random draw of one sampling run: the stage-0 latent and each transition's block noise.
 
-    For Dopri5 the transition noise covers the CFG-doubled state (2B rows), as in the published code: the
-    first B rows (the images') are drawn first, exactly as a fixed-grid method's, and the state's second
+    For Dopri5 the transition noise covers the guidance-doubled state (2B rows), as in the published code: the
+    first B rows (the images') are drawn first, exactly as a fixed-step method's, and the state's second
     half after them, so every method samples the same images' draws from the same seed or generator.
     """
 
@@ -110,7 +167,7 @@ class CascadeNoise:
         return cls(torch.cat(inits), transitions)
 
 
-def euler_grid(num_steps: int, shift: float) -> torch.Tensor:
+def euler_time_grid(num_steps: int, shift: float) -> torch.Tensor:
     """Stage-local times (N+1,) float64: shifted linspace(0, 0.999, N), then 1.0 appended."""
     u = torch.linspace(0, _EULER_T_MAX, num_steps, dtype=torch.float64)
     t = u / (shift + (1 - shift) * u)
@@ -124,25 +181,33 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SampleOutput:
+    """What one :meth:`CascadeSampler.sample` call made (network rows: count them with
+    :class:`~pixelflow.sampling.call_counter.CallCounter`)."""
+
     images: torch.Tensor  # (B, C, H, W) float in [-1, 1] (unclamped)
     stage_finals: list[torch.Tensor]  # each stage's final latent (first B rows)
     nfe: list[int]  # batched model calls per stage
-    forward_rows: int = 0  # network input rows over the run: B per conditional-only call, 2B per guided one
 
 
 class CascadeSampler:
     """Runs the whole cascade for a batch of conditions (class labels or text) with guidance.
 
-    The stage weight is the condition's rule (class: the published ramp; text: ``cfg`` at every
+    The stage weight is the condition's rule (class: the published ramp; text: ``guidance_scale`` at every
     stage); ``guidance_interval`` then limits it for either. Where the weight is exactly 1 (stage 0
-    under the class ramp, every stage at ``cfg=1``, outside ``guidance_interval``) only the
+    under the class ramp, every stage at ``guidance_scale=1``, outside ``guidance_interval``) only the
     conditional branch runs: v_u + 1 (v_c - v_u) is v_c, up to float rounding.
     """
 
     def __init__(self, model: torch.nn.Module, schedule: CascadeSchedule, config: SamplerConfig):
+        if not isinstance(config, SamplerConfig):
+            raise TypeError(f"config must be a SamplerConfig (SamplerConfig.from_mapping reads a preset), got {type(config).__name__}")
         self.model, self.schedule, self.config = model, schedule, config
-        self.steps = config.validate(schedule.num_stages)
-        self.forward_rows = 0  # network input rows of the last sample() call (2 per guided image-call)
+        self.steps = config.stage_steps(schedule.num_stages)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the network runs, and so where the noise is drawn."""
+        return next(self.model.parameters()).device
 
     # ---- velocity with guidance -------------------------------------------------------
     def _weight_at(self, stage_weight: float, timestep: float) -> float:
@@ -162,7 +227,6 @@ class CascadeSampler:
         batch = x.shape[0]
         rows = batch if weight == 1.0 else 2 * batch
         timestep = None if modulation is not None else timestep.expand(rows)
-        self.forward_rows += rows
         if weight == 1.0:
             return self.model(x, timestep, **cond.cond_kwargs(), modulation=modulation)
         v_uncond, v_cond = self.model(torch.cat([x, x]), timestep, **cond.both_kwargs(), modulation=modulation).chunk(2)
@@ -175,7 +239,7 @@ class CascadeSampler:
 
     def _stage_modulations(self, stage: int, timesteps: torch.Tensor, cond: Conditioning,
                            weights: list[float]) -> list[Modulation]:
-        """The network's adaLN vectors for every step of a fixed-grid stage, in one batched pass."""
+        """The network's adaLN vectors for every step of a fixed-step stage, in one batched pass."""
         guided = [w != 1.0 for w in weights]
         prepared = self._modulations(stage, timesteps, cond, guided=any(guided))
         if not any(guided) or all(guided):
@@ -183,10 +247,10 @@ class CascadeSampler:
         return [m if g else m.last(cond.batch) for m, g in zip(prepared, guided)]
 
     # ---- per-stage integrators ------------------------------------------------------
-    def stage_grid(self, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(stage-local times (N+1,) float64, global timesteps of grid points 0..N-1 as float32).
+    def stage_time_grid(self, stage: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stage-local times (N+1,) float64, global timesteps of time points 0..N-1 as float32).
 
-        Euler/Heun use the published grid (shifted linspace to 0.999, then 1); AB2 a shifted
+        Euler/Heun use the published time grid (shifted linspace to 0.999, then 1); AB2 a shifted
         linspace(0, 1, N+1) on the same time axis Dopri5 integrates.
         """
         n = self.steps[stage]
@@ -194,11 +258,11 @@ class CascadeSampler:
             u = torch.linspace(0, 1, n + 1, dtype=torch.float64)
             t = u / (self.config.shift + (1 - self.config.shift) * u)
             return t, self.schedule.stage_timestep(stage, t[:-1]).float()
-        t = euler_grid(n, self.config.shift)
+        t = euler_time_grid(n, self.config.shift)
         return t, self.schedule.stage_timestep(stage, t[:-1], _EULER_T_MAX).float()
 
-    def _fixed_grid_stage(self, x, stage, cond, weight, on_step):
-        t, timesteps = self.stage_grid(stage)
+    def _fixed_step_stage(self, x, stage, cond, weight, on_step):
+        t, timesteps = self.stage_time_grid(stage)
         # Everything per step is prepared here, on the host, once per stage.
         t32 = t.float()
         dts = (t32[1:] - t32[:-1]).tolist()
@@ -217,7 +281,7 @@ class CascadeSampler:
         return x, calls
 
     def _dopri5_stage(self, state, stage, cond, weight, on_step):
-        """Adaptive Dopri5 on the CFG-doubled state, as published (torchdiffeq syncs for step control)."""
+        """Adaptive Dopri5 on the guidance-doubled state, as published (torchdiffeq syncs for step control)."""
         table = self.schedule.timestep_tables[stage]
         t0, t_last = float(table[0]), float(table[-1])
         batch, nfe = cond.batch, 0
@@ -232,63 +296,82 @@ class CascadeSampler:
             v = self.velocity(y[:batch], timestep, cond, w, modulation)
             return torch.cat([v, v])
 
-        grid = torch.tensor([0.0, 1.0], device=state.device)
-        out = odeint(rhs, state, grid, method="dopri5", atol=self.config.atol, rtol=self.config.rtol)[-1]
+        ends = torch.tensor([0.0, 1.0], device=state.device)
+        out = odeint(rhs, state, ends, method="dopri5", atol=self.config.atol, rtol=self.config.rtol)[-1]
         if on_step is not None:
             on_step(stage, 1, 1)
         return out, nfe
 
     # ---- the cascade ----------------------------------------------------------------
+    def draw_noise(self, batch: int, seeds: Sequence[int] | None = None,
+                   generator: torch.Generator | None = None) -> CascadeNoise:
+        """Every draw of a run of ``batch`` images, on the network's device: image i's from ``seeds[i]`` (batch
+        independent), else all from ``generator`` (None: torch's default one). Dopri5's draws cover its doubled state."""
+        channels, doubled = self.model.in_channels, self.config.doubled
+        if seeds is None:
+            return CascadeNoise.draw(self.schedule, batch, channels, doubled, generator, self.device)
+        if len(seeds) != batch:
+            raise ValueError(f"{len(seeds)} seeds given for {batch} images: give one seed per image")
+        return CascadeNoise.per_sample(self.schedule, seeds, channels, doubled, self.device)
+
     def sample(
         self,
         condition: Conditioning | torch.Tensor,
         generator: torch.Generator | None = None,
         noise: CascadeNoise | None = None,
+        *,
+        seeds: Sequence[int] | None = None,
         on_stage_end: Callable[[int, torch.Tensor], None] | None = None,
         on_step: Callable[[int, int, int], None] | None = None,
     ) -> SampleOutput:
         """Generate B images for ``condition``: class labels (B,) or a :class:`Conditioning` (e.g. a
-        :class:`~pixelflow.text.TextCondition`); draws come from ``noise`` or ``generator``.
+        :class:`~pixelflow.text.TextCondition`). The draws come from one of ``seeds`` (one per image, see
+        :func:`pixelflow.sampling.indexed.sample_seed`), ``generator`` or ``noise`` (injected, e.g. published draws);
+        with none of them from torch's default generator.
 
         Sampling runs under ``torch.inference_mode()`` (``on_stage_end`` sees inference tensors); the returned
         images and stage finals are plain tensors, free to modify in place.
         """
+        given = [name for name, value in (("seeds", seeds), ("generator", generator), ("noise", noise)) if value is not None]
+        if len(given) > 1:
+            raise ValueError(f"pass one source of noise (seeds=, generator= or noise=), got {' and '.join(given)}")
+        args = (condition, seeds, generator, noise, on_stage_end, on_step)
         # Inference mode is lighter per operator than no_grad (no view or version tracking), but a compiled
         # network's graphs guard on the dispatch keys it changes: those sample under no_grad, as compile warms them.
         if isinstance(getattr(self.model, "_orig_mod", None), torch.nn.Module):
             with torch.no_grad():
-                return self._sample(condition, generator, noise, on_stage_end, on_step)
+                return self._sample(*args)
         with torch.inference_mode():
-            out = self._sample(condition, generator, noise, on_stage_end, on_step)
+            out = self._sample(*args)
         # Outside inference mode an inference tensor cannot change in place or enter autograd: hand back copies.
         finals = [x.clone() for x in out.stage_finals]
         return replace(out, images=finals[-1], stage_finals=finals)
 
     def _sample(
-        self, condition: Conditioning | torch.Tensor, generator: torch.Generator | None, noise: CascadeNoise | None,
-        on_stage_end: Callable[[int, torch.Tensor], None] | None, on_step: Callable[[int, int, int], None] | None,
+        self, condition: Conditioning | torch.Tensor, seeds: Sequence[int] | None, generator: torch.Generator | None,
+        noise: CascadeNoise | None, on_stage_end: Callable[[int, torch.Tensor], None] | None,
+        on_step: Callable[[int, int, int], None] | None,
     ) -> SampleOutput:
-        device = next(self.model.parameters()).device
+        device = self.device
         cond = as_conditioning(self.model, condition.to(device))
-        doubled = self.config.method == "dopri5"
+        doubled = self.config.doubled
         batch = cond.batch
         if noise is None:
-            noise = CascadeNoise.draw(self.schedule, batch, self.model.in_channels, doubled, generator, device)
+            noise = self.draw_noise(batch, seeds, generator)
         if noise.init.shape[0] != batch:
             raise ValueError(f"noise is for {noise.init.shape[0]} images but the condition for {batch}")
         x = noise.init.to(device)
         if doubled:
             x = torch.cat([x, x])
-        self.forward_rows = 0
         finals, nfes = [], []
         for stage in range(self.schedule.num_stages):
             if stage:
                 x = self.schedule.transition(x, stage, noise.transitions[stage - 1].to(device))
-            weight = cond.stage_weight(self.config.cfg, stage, self.schedule)
-            integrate = self._dopri5_stage if doubled else self._fixed_grid_stage
+            weight = cond.stage_weight(self.config.guidance_scale, stage, self.schedule)
+            integrate = self._dopri5_stage if doubled else self._fixed_step_stage
             x, nfe = integrate(x, stage, cond, weight, on_step)
             finals.append(x[:batch])
             nfes.append(nfe)
             if on_stage_end is not None:
                 on_stage_end(stage, x[:batch])
-        return SampleOutput(images=x[:batch], stage_finals=finals, nfe=nfes, forward_rows=self.forward_rows)
+        return SampleOutput(images=x[:batch], stage_finals=finals, nfe=nfes)

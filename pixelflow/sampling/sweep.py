@@ -5,10 +5,10 @@
 per image, written when generation finishes), ``metrics.json`` (:mod:`pixelflow.metrics`) and
 ``result.json``, written atomically last: a restarted sweep skips every cell that has one. Every cell
 uses the same per-sample seeds, so cells differ only by their sampler settings. ``OUT/sweep.json``
-records the fixed settings (checkpoint, reference, seed, ...); a restart with other ones is refused.
+records the fixed settings (checkpoint, reference, seed, Dopri5's tolerances, ...); a restart with other ones is refused.
 With ``compile``, the network is compiled once for the cells still to run, before the first of them;
 the compile time goes to ``OUT/compile.json``, not into any cell's seconds per image.
-Where the grid has a Dopri5 cell, every cell of its guidance and sample count also reports its images' distance
+Where the sweep has a Dopri5 cell, every cell of its guidance and sample count also reports its images' distance
 to Dopri5's (:func:`add_distance_to_dopri5`): the methods draw the same noise for an image.
 """
 
@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,14 @@ from pixelflow.sampling.compile import batch_sizes, compile_loaded
 from pixelflow.sampling.generate import SHARD_DIR, finished_indices, generate
 from pixelflow.sampling.samplers import SamplerConfig
 
-__all__ = ["SweepError", "Cell", "SweepOptions", "build_grid", "eval_options", "reference_scorer", "run_cell", "run_sweep",
-           "DISTANCE_TO_DOPRI5", "add_distance_to_dopri5"]
+__all__ = ["SweepError", "AXES", "Cell", "SweepOptions", "build_cells", "eval_options", "reference_scorer", "run_cell",
+           "run_sweep", "DISTANCE_TO_DOPRI5", "add_distance_to_dopri5"]
+
+logger = logging.getLogger(__name__)
 
 Scorer = Callable[[Path], dict[str, Any]]  # samples.npz -> an evaluate() result (metrics, unavailable, ...)
+
+AXES = ("method", "steps", "guidance_scale", "shift", "guidance_interval")  # the sampler settings a sweep may vary
 
 
 class SweepError(ValueError):
@@ -47,33 +52,27 @@ class SweepError(ValueError):
 
 @dataclass(frozen=True)
 class Cell:
-    """One combination of sampler settings (``steps``: one int, or a tuple with one entry per stage)."""
+    """One combination of sampler settings, sampled ``num_samples`` times."""
 
-    method: str
-    steps: int | tuple[int, ...]
-    cfg: float
-    shift: float
-    guidance_interval: tuple[float, float] | None
+    sampler: SamplerConfig
     num_samples: int
 
     @property
+    def method(self) -> str:
+        return self.sampler.method
+
+    @property
     def name(self) -> str:
-        """The cell's folder name, e.g. ``euler_steps8_cfg5_shift1_giall_n100``."""
-        steps = "-".join(map(str, self.steps)) if isinstance(self.steps, tuple) else str(self.steps)
-        gi = "all" if self.guidance_interval is None else "-".join(f"{v:g}" for v in self.guidance_interval)
-        return f"{self.method}_steps{steps}_cfg{self.cfg:g}_shift{self.shift:g}_gi{gi}_n{self.num_samples}"
+        """The cell's folder name, e.g. ``euler_steps8_guidance5_shift1_giall_n100``."""
+        s = self.sampler
+        steps = "-".join(map(str, s.steps)) if isinstance(s.steps, tuple) else str(s.steps)
+        gi = "all" if s.guidance_interval is None else "-".join(f"{v:g}" for v in s.guidance_interval)
+        return f"{s.method}_steps{steps}_guidance{s.guidance_scale:g}_shift{s.shift:g}_gi{gi}_n{self.num_samples}"
 
     def settings(self) -> dict[str, Any]:
-        """The settings as JSON values (tuples as lists), as stored in ``result.json``."""
-        values = asdict(self)
-        for key in ("steps", "guidance_interval"):
-            if isinstance(values[key], tuple):
-                values[key] = list(values[key])
-        return values
-
-    def sampler_config(self, atol: float = 1e-6, rtol: float = 1e-3) -> SamplerConfig:
-        return SamplerConfig(method=self.method, steps=self.steps, shift=self.shift, cfg=self.cfg,
-                             guidance_interval=self.guidance_interval, atol=atol, rtol=rtol)
+        """The swept settings as JSON values (tuples as lists), as stored in ``result.json``."""
+        values = {axis: getattr(self.sampler, axis) for axis in AXES} | {"num_samples": self.num_samples}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
 @dataclass
@@ -84,8 +83,6 @@ class SweepOptions:
     seed: int = 0
     classes: list[int] | None = None
     precision: str = "auto"
-    atol: float = 1e-6  # dopri5 only
-    rtol: float = 1e-3  # dopri5 only
     compile: bool = False  # torch.compile the network once, for every shape the cells still to run need
     fixed: dict[str, Any] = field(default_factory=dict)  # further settings that must not change on a restart
 
@@ -97,49 +94,54 @@ def _as_list(values: Any, name: str) -> list:
     return values
 
 
-def _steps_entry(value: Any) -> int | tuple[int, ...]:
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return tuple(int(v) for v in value)
-    return int(value)
+def _axis(base: SamplerConfig, axes: Mapping[str, Any], name: str) -> list:
+    """The values of axis ``name`` (a scalar counts as a one-entry list; unset: the base preset's value)."""
+    values = axes.get(name)
+    if values is None:
+        return [getattr(base, name)]
+    values = _as_list(values, f"axes.{name}")
+    if name == "steps":  # an entry is an int or a per-stage list
+        return [tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v for v in values]
+    if name == "guidance_interval":
+        for value in values:
+            if value is not None and not (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2):
+                raise SweepError(f"axes.guidance_interval entries must be null or [lo, hi], got {value!r}; one interval "
+                                 "is written 'axes.guidance_interval=[[0.1,0.9]]' (a list of intervals)")
+        return [None if v is None else tuple(v) for v in values]
+    return values
 
 
-def _interval_entry(value: Any) -> tuple[float, float] | None:
-    if value is None:
-        return None
-    if not (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2):
-        raise SweepError(f"guidance_interval entries must be null or [lo, hi], got {value!r}; "
-                         "one interval is written 'guidance_interval=[[0.1,0.9]]' (a list of intervals)")
-    return float(value[0]), float(value[1])
+def build_cells(base: SamplerConfig, axes: Mapping[str, Any], num_samples: Any, num_stages: int) -> list[Cell]:
+    """Every combination of the ``axes`` lists (keys from :data:`AXES`) and sample counts; other settings are ``base``'s.
 
-
-def build_grid(methods: Any, steps: Any, cfg: Any, shift: Any, guidance_interval: Any, num_samples: Any,
-               num_stages: int) -> list[Cell]:
-    """Every combination of the lists (a scalar counts as a one-entry list), each checked by ``SamplerConfig``.
-
-    ``steps`` entries are an int or a per-stage list (``steps=[[10,20,30,30],8]``); ``guidance_interval``
-    entries are null or ``[lo, hi]``. Dopri5 gets one cell per cfg / interval / sample count, named with
-    the first ``steps`` and ``shift`` (it uses neither).
+    ``steps`` entries are an int or a per-stage list (``axes.steps=[[10,20,30,30],8]``); ``guidance_interval``
+    entries are null or ``[lo, hi]``. Dopri5 gets one cell per guidance scale / interval / sample count, named with
+    the first ``steps`` and ``shift`` (it uses neither). Every cell's settings are checked by :class:`SamplerConfig`.
     """
-    axes = {"methods": [str(m) for m in _as_list(methods, "methods")],
-            "steps": [_steps_entry(s) for s in _as_list(steps, "steps")],
-            "cfg": [float(c) for c in _as_list(cfg, "cfg")], "shift": [float(s) for s in _as_list(shift, "shift")],
-            "guidance_interval": [_interval_entry(g) for g in _as_list(guidance_interval, "guidance_interval")],
-            "num_samples": [int(n) for n in _as_list(num_samples, "num_samples")]}
-    for name, values in axes.items():
-        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    unknown = sorted(set(axes) - set(AXES))
+    if unknown:
+        raise SweepError(f"axes {unknown} cannot be swept; the axes are {list(AXES)} (other settings: sampler=PRESET)")
+    values = {name: _axis(base, axes, name) for name in AXES}
+    values["num_samples"] = [int(n) for n in _as_list(num_samples, "num_samples")]
+    for name, entries in values.items():
+        repeated = sorted({str(v) for v in entries if entries.count(v) > 1})
         if repeated:
             raise SweepError(f"{name} lists {', '.join(repeated)} more than once; give each value once")
-    if min(axes["num_samples"]) < 2:
-        raise SweepError(f"num_samples must be >= 2 (FID needs at least 2 images), got {axes['num_samples']}")
-    cells = [Cell(*combo) for combo in itertools.product(*axes.values())]
-    # Dopri5 ignores steps and shift (adaptive, on each stage's own time): one cell per its other settings.
-    cells = list(dict.fromkeys(replace(c, steps=axes["steps"][0], shift=axes["shift"][0]) if c.method == "dopri5" else c
-                               for c in cells))
-    for cell in cells:
+    if min(values["num_samples"]) < 2:
+        raise SweepError(f"num_samples must be >= 2 (FID needs at least 2 images), got {values['num_samples']}")
+    cells = []
+    for combo in itertools.product(*values.values()):
+        settings = dict(zip(values, combo))
+        n = settings.pop("num_samples")
+        if settings["method"] == "dopri5":  # adaptive, on each stage's own time: steps and shift unused
+            settings |= {"steps": values["steps"][0], "shift": values["shift"][0]}
         try:
-            cell.sampler_config().validate(num_stages)
+            sampler = replace(base, **settings)
+            sampler.stage_steps(num_stages)
         except ValueError as err:
-            raise SweepError(f"cell {cell.name}: {err}") from err
+            raise SweepError(f"sampler settings {settings}: {err}") from err
+        cells.append(Cell(sampler, n))
+    cells = list(dict.fromkeys(cells))
     names = [c.name for c in cells]
     if len(set(names)) != len(names):
         raise SweepError("two cells share a folder name (values equal to 6 significant digits); make the values differ more")
@@ -177,7 +179,7 @@ def _generate_measured(loaded: LoadedModel, counter: CallCounter, cell: Cell, ce
         done = 0
     counter.reset()
     start = time.perf_counter()
-    generate(replace(loaded, model=counter), cell.sampler_config(opts.atol, opts.rtol), cell_dir, cell.num_samples,
+    generate(replace(loaded, model=counter), cell.sampler, cell_dir, cell.num_samples,
              opts.batch_size, opts.seed, opts.classes, save_png=False, fabric=fabric, precision=opts.precision)
     seconds = time.perf_counter() - start
     images = cell.num_samples - done
@@ -223,7 +225,7 @@ def add_distance_to_dopri5(out_dir: Path, cells: list[Cell], results: list[dict[
     its seed (:class:`~pixelflow.sampling.samplers.CascadeNoise`), so this is each method's distance to the
     adaptive solution of the same ODE. It is computed from the samples each time (not stored in ``result.json``).
     """
-    group = lambda c: (c.cfg, c.guidance_interval, c.num_samples)  # noqa: E731
+    group = lambda c: (c.sampler.guidance_scale, c.sampler.guidance_interval, c.num_samples)  # noqa: E731
     references = {group(c): out_dir / "cells" / c.name / "samples.npz" for c in cells if c.method == "dopri5"}
     for cell, result in zip(cells, results, strict=True):
         reference = references.get(group(cell))
@@ -244,16 +246,20 @@ def _mean_abs_difference(first: Path, second: Path, batch: int = 256) -> float:
 def run_sweep(loaded: LoadedModel, cells: list[Cell], out_dir: str | Path, score: Scorer, opts: SweepOptions,
               fabric: Fabric | None = None, on_cell_done: Callable[[Cell, dict[str, Any]], None] | None = None
               ) -> list[dict[str, Any]]:
-    """Run every cell not finished yet (no ``result.json``); returns all cells' results in grid order."""
+    """Run every cell not finished yet (no ``result.json``); returns all cells' results in the order of ``cells``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    tolerances = {(c.sampler.atol, c.sampler.rtol) for c in cells}
+    if len(tolerances) != 1:
+        raise SweepError(f"the cells of one sweep share Dopri5's atol and rtol; these have {sorted(tolerances)}")
+    [(atol, rtol)] = tolerances
     shared = {k: v for k, v in asdict(opts).items() if k != "fixed"}
-    _check_fixed(out_dir / "sweep.json", {**shared, **opts.fixed, "checkpoint": loaded.source})
+    _check_fixed(out_dir / "sweep.json", {**shared, "atol": atol, "rtol": rtol, **opts.fixed, "checkpoint": loaded.source})
     fabric = fabric or Fabric(accelerator="auto", devices=1)
     todo = [c for c in cells if not (out_dir / "cells" / c.name / "result.json").is_file()]
     if opts.compile and todo:
         sizes = set().union(*(batch_sizes(c.num_samples, opts.batch_size) for c in todo))
-        loaded, seconds = compile_loaded(loaded, [c.sampler_config() for c in todo], sizes, fabric.device, opts.precision)
+        loaded, seconds = compile_loaded(loaded, [c.sampler for c in todo], sizes, fabric.device, opts.precision)
         write_metrics({"compile_seconds": seconds, "cells": [c.name for c in todo]}, out_dir / "compile.json")
     counter = CallCounter(loaded.model)
     results = []
@@ -262,9 +268,9 @@ def run_sweep(loaded: LoadedModel, cells: list[Cell], out_dir: str | Path, score
         done = cell_dir / "result.json"
         if done.is_file():
             result = json.loads(done.read_text())
-            print(f"[sweep] cell {i + 1}/{len(cells)} {cell.name}: finished before, skipped")
+            logger.info("cell %d/%d %s: finished before, skipped", i + 1, len(cells), cell.name)
         else:
-            print(f"[sweep] cell {i + 1}/{len(cells)} {cell.name}")
+            logger.info("cell %d/%d %s", i + 1, len(cells), cell.name)
             result = run_cell(loaded, counter, cell, cell_dir, score, opts, fabric)
         results.append(result)
         if on_cell_done is not None:

@@ -1,8 +1,8 @@
 """A sampler sweep's report: ``results.csv``, ``results.md`` and plots of every metric.
 
 Plots (``plots/``): ``<metric>_vs_model_calls.png`` (one line per method and any other setting that varies,
-points along the step counts) and, where the sweep has more than one CFG value, ``<metric>_vs_cfg.png``
-(one line per step count and any other varying setting).
+points along the step counts) and, where the sweep has more than one guidance scale,
+``<metric>_vs_guidance_scale.png`` (one line per step count and any other varying setting).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa
 
 __all__ = ["SETTINGS", "MEASURES", "result_rows", "write_tables", "metric_figure", "plot_results", "write_report"]
 
-SETTINGS = ("method", "steps", "cfg", "shift", "guidance_interval", "num_samples")
+SETTINGS = ("method", "steps", "guidance_scale", "shift", "guidance_interval", "num_samples")
 MEASURES = ("model_calls_per_image", "seconds_per_image")
 
 
@@ -96,17 +96,18 @@ def _plot(rows: list[dict[str, Any]], metric: str, x: str, along: str, first: st
 
 
 def plot_results(out_dir: Path, results: list[dict[str, Any]]) -> list[Path]:
-    """Every metric against model calls per image, and against CFG when the sweep has several CFG values."""
+    """Every metric against model calls per image, and against the guidance scale when the sweep has several."""
     metrics, rows = result_rows(results)
     plots = out_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     paths = []
-    several_cfg = len({r["cfg"] for r in rows}) > 1
+    several_scales = len({r["guidance_scale"] for r in rows}) > 1
     for metric in metrics:
         paths.append(_plot(rows, metric, "model_calls_per_image", "steps", "method", "model calls per image",
                            plots / f"{metric}_vs_model_calls.png"))
-        if several_cfg:
-            paths.append(_plot(rows, metric, "cfg", "cfg", "steps", "CFG scale", plots / f"{metric}_vs_cfg.png"))
+        if several_scales:
+            paths.append(_plot(rows, metric, "guidance_scale", "guidance_scale", "steps", "guidance scale",
+                               plots / f"{metric}_vs_guidance_scale.png"))
     return [p for p in paths if p is not None]
 
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 from gradio_client import Client
 from gradio_client.exceptions import AppError
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from PIL import Image
 
 from pixelflow.cascade import CascadeSchedule
@@ -29,6 +29,9 @@ from pixelflow.checkpoint import RELEASED_URL, CheckpointError, export_released_
 from pixelflow.demo.app import build_demo, launch
 from pixelflow.demo.service import DemoInputError, DemoModel, resolve_class_names, upscale_nearest
 from pixelflow.model import build_model
+from pixelflow.sampling.indexed import sample_seed
+from pixelflow.sampling.samplers import CascadeSampler, SamplerConfig, to_uint8
+from tests.hydra_utils import compose_config
 
 REPO = Path(__file__).resolve().parents[2]
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -52,11 +55,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def demo_config(ckpt: Path | str, **overrides) -> DictConfig:
-    """conf/demo.yaml without its hydra section, pointed at ``ckpt`` and a free port."""
-    cfg = OmegaConf.load(REPO / "conf" / "demo.yaml")
-    cfg.pop("hydra")
-    return OmegaConf.merge(cfg, {"ckpt": str(ckpt), "port": free_port(), **overrides})
+def demo_config(ckpt: Path | str, hydra_overrides: list[str] | None = None, **overrides) -> DictConfig:
+    """conf/demo.yaml composed as demo.py composes it (``hydra_overrides``, e.g. a sampler preset), pointed at
+    ``ckpt`` and a free port."""
+    return OmegaConf.merge(compose_config("demo", hydra_overrides), {"ckpt": str(ckpt), "port": free_port(), **overrides})
 
 
 def open_client(url: str, download_dir: Path) -> Client:
@@ -126,12 +128,50 @@ def test_generate_is_deterministic_and_previews_every_stage(demo_model):
     assert (first == np.repeat(np.repeat(first[::8, ::8], 8, 0), 8, 1)).all()
 
 
+@pytest.mark.parametrize("dopri5", [False, True])
+def test_image_i_of_a_request_is_sample_i_of_the_run_with_its_seed(tiny_ckpt, dopri5):
+    """The demo's seed means what sample.py's does: image #i draws its noise from seed * 10**7 + i."""
+    loose = SamplerConfig(atol=1e-3, rtol=1e-2)  # Dopri5 in few steps
+    demo_model = DemoModel(load_pixelflow(tiny_ckpt), sampler=loose)
+    req = demo_model.validate(3, dopri5, 2.0, 4.0, [1, 2, 1, 2], 11, 2)
+    shown = demo_model.generate(req)
+    config = SamplerConfig(method="dopri5" if dopri5 else "euler", steps=(1, 2, 1, 2), shift=2.0, guidance_scale=4.0,
+                           atol=1e-3, rtol=1e-2)
+    sampler = CascadeSampler(demo_model.model, demo_model.schedule, config)
+    images = to_uint8(sampler.sample(torch.tensor([3, 3]), seeds=[sample_seed(11, 0), sample_seed(11, 1)]).images)
+    assert [np.asarray(im).tolist() for im in shown.images] == images.tolist()
+    single = demo_model.generate(demo_model.validate(3, dopri5, 2.0, 4.0, [1, 2, 1, 2], 11, 1))
+    if not dopri5:  # Dopri5's step control is batch-wide; the fixed-step methods give image #0 alone or beside another
+        diff = np.abs(np.asarray(single.images[0], dtype=int) - np.asarray(shown.images[0], dtype=int)).max()
+        assert diff <= 1  # float ulps may flip a rounding
+
+
+def test_the_sampler_preset_sets_the_initial_controls_and_the_hidden_settings(tiny_ckpt):
+    demo = build_demo(demo_config(tiny_ckpt, ["sampler=paper_dopri5"]))
+    values = {b.elem_id: b.value for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    assert values["dopri5"] is True and values["guidance_scale"] == 2.4 and values["steps0"] == 30
+    quick = {b.elem_id: b.value for b in build_demo(demo_config(tiny_ckpt)).blocks.values() if getattr(b, "elem_id", None)}
+    assert quick["dopri5"] is False and quick["guidance_scale"] == 5.0 and quick["steps3"] == 10 and quick["seed"] == 42
+    dm = DemoModel(load_pixelflow(tiny_ckpt), sampler=SamplerConfig(guidance_interval=(0.2, 0.8)))
+    rows = []
+    dm.model.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    dm.generate(dm.validate(0, False, 1.0, 4.0, [1, 1, 1, 1], 0, 1))
+    assert rows == [1, 1, 2, 2]  # the preset's guidance interval applies (guided only in stages 2 and 3)
+    with pytest.raises(ValueError, match="sampler.method='heun': the demo samples with euler or dopri5"):
+        DemoModel(load_pixelflow(tiny_ckpt), sampler=SamplerConfig(method="heun"))
+    cfg = demo_config(tiny_ckpt)
+    with open_dict(cfg):  # Hydra refuses the key on the command line; a hand-made config meets the sampler's own check
+        cfg.sampler.cfg = 4.0
+    with pytest.raises(ValueError, match=r"demo config sampler: unknown setting\(s\) \['cfg'\]"):
+        build_demo(cfg)
+
+
 @pytest.mark.slow
 def test_compiled_demo_model_gives_the_eager_pixels(tmp_path):
     dm = DemoModel.load(make_tiny_checkpoint(tmp_path, num_stages=2), device="cpu", max_images=2)  # 2 shapes: ~a minute
     req = dm.validate(3, False, 1.0, 1.0, [1, 2], 11, 2)
     eager = dm.generate(req)
-    assert dm.compile(num_images=2, cfg=1.0) > 0  # compiled and warmed: both stages' shapes of 2 conditional-only images
+    assert dm.compile(num_images=2, guidance_scale=1.0) > 0  # compiled and warmed: both stages' shapes of 2 conditional-only images
     fast = dm.generate(req)
     assert dm.model is not dm.model._orig_mod and fast.nfe == eager.nfe
     diff = [np.abs(np.asarray(f, dtype=int) - np.asarray(e, dtype=int)).max() for f, e in zip(fast.images, eager.images)]
@@ -157,8 +197,8 @@ def test_classes_resolve_by_index_name_or_dropdown_label(demo_model):
     (dict(dopri5="yes"), "Dopri5 ODE must be true or false, got 'yes'"),
     (dict(shift=0.5), "Noise Shift must be a number from 1 to 100, got 0.5"),
     (dict(shift=float("inf")), "Noise Shift must be a number from 1 to 100, got inf"),
-    (dict(cfg=25.5), "Classifier-free Guidance Scale must be a number from 1 to 25, got 25.5"),
-    (dict(cfg="4"), "Classifier-free Guidance Scale must be a number from 1 to 25, got '4'"),
+    (dict(guidance_scale=25.5), "Classifier-free Guidance Scale must be a number from 1 to 25, got 25.5"),
+    (dict(guidance_scale="4"), "Classifier-free Guidance Scale must be a number from 1 to 25, got '4'"),
     (dict(steps=[10, 10, 101, 10]), "Num Inference Steps (stage 3) must be a whole number from 1 to 100, got 101"),
     (dict(steps=[10, 10, 10]), "Num Inference Steps needs one value per stage (4), got [10, 10, 10]"),
     (dict(steps=10), "Num Inference Steps needs one value per stage (4), got 10"),
@@ -167,7 +207,7 @@ def test_classes_resolve_by_index_name_or_dropdown_label(demo_model):
     (dict(num_images=0), "Number of Images must be a whole number from 1 to 4, got 0"),
 ])
 def test_every_field_is_validated_with_its_name_range_and_value(demo_model, args, message):
-    values = dict(class_value=1, dopri5=False, shift=1.0, cfg=4.0, steps=[10] * 4, seed=42, num_images=1) | args
+    values = dict(class_value=1, dopri5=False, shift=1.0, guidance_scale=4.0, steps=[10] * 4, seed=42, num_images=1) | args
     with pytest.raises(DemoInputError) as err:
         demo_model.validate(**values)
     assert message in str(err.value)
@@ -203,8 +243,13 @@ def test_bad_device_and_config_values_are_clear_errors(tiny_ckpt):
         DemoModel.load(tiny_ckpt, device="tpu")
     with pytest.raises(ValueError, match="port must be an integer from 1 to 65535, got 70000"):
         launch(demo_config(tiny_ckpt, port=70000))
-    with pytest.raises(ValueError, match="demo config controls: Noise Shift must be a number from 1 to 100, got 0"):
-        build_demo(demo_config(tiny_ckpt, controls={"shift": 0}))
+    with pytest.raises(ValueError, match=r"demo config \(controls and sampler\): Noise Shift must be a number from 1 to 100, "
+                                         "got 0.5"):
+        build_demo(demo_config(tiny_ckpt, sampler={"shift": 0.5}))
+    with pytest.raises(ValueError, match=r"demo config \(controls and sampler\): Seed must be a whole number"):
+        build_demo(demo_config(tiny_ckpt, controls={"seed": -1}))
+    with pytest.raises(ValueError, match="demo config sampler: sampler steps"):
+        build_demo(demo_config(tiny_ckpt, sampler={"steps": [1, 2]}))
 
 
 # ---- pages without a usable checkpoint ------------------------------------------------------
@@ -252,12 +297,13 @@ def test_api_generates_images_previews_and_a_zip(client):
     assert native.shape == (32, 32, 3) and native.std() > 1
     assert (np.repeat(np.repeat(native, 8, 0), 8, 1) == shown[1]).all()  # display = nearest-neighbour x8 of the PNG
     assert settings["seed"] == 5 and settings["class_index"] == 3 and settings["steps"] == [2, 2, 2, 3]
+    assert settings["guidance_scale"] == 5.0  # the quickstart preset's, the initial control
     assert "2 image(s) of class **3: three** · seed 5" in status and "9 model calls" in status
 
 
 def test_api_same_seed_same_pixels(client):
     def run(seed: int) -> bytes:
-        gallery = client.predict(class_value="seven", seed=seed, cfg=6.5, **FAST, api_name="/generate")[0]
+        gallery = client.predict(class_value="seven", seed=seed, guidance_scale=6.5, **FAST, api_name="/generate")[0]
         return _pixels(gallery[0]["image"])
 
     first = run(123)
@@ -277,7 +323,7 @@ def test_queue_serves_concurrent_users(client):
 
 @pytest.mark.parametrize("bad, message", [
     (dict(shift=0), "Noise Shift must be a number from 1 to 100, got 0"),
-    (dict(cfg=30), "Classifier-free Guidance Scale must be a number from 1 to 25, got 30"),
+    (dict(guidance_scale=30), "Classifier-free Guidance Scale must be a number from 1 to 25, got 30"),
     (dict(steps_2=0), "Num Inference Steps (stage 2) must be a whole number from 1 to 100, got 0"),
     (dict(seed=-1), "Seed must be a whole number from 0 to 4294967295, got -1"),
     (dict(num_images=5), "Number of Images must be a whole number from 1 to 4, got 5"),

@@ -55,7 +55,7 @@ def test_generation_follows_the_prompt_and_the_negative_prompt(text_demo):
     (dict(negative_prompt=["a"]), "Negative Prompt must be text"),
 ])
 def test_text_fields_are_validated(text_demo, args, message):
-    values = dict(class_value=None, dopri5=False, shift=1.0, cfg=4.0, steps=[1] * 4, seed=0, num_images=1,
+    values = dict(class_value=None, dopri5=False, shift=1.0, guidance_scale=4.0, steps=[1] * 4, seed=0, num_images=1,
                   prompt="a seven") | args
     with pytest.raises(DemoInputError, match=message):
         text_demo.validate(**values)

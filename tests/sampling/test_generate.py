@@ -6,11 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pixelflow.cascade import CascadeSchedule
 from pixelflow.checkpoint import export_released_format, load_pixelflow
-from pixelflow.sampling.generate import assemble, balanced_labels, generate
+from pixelflow.sampling.generate import assemble, generate
 from pixelflow.sampling.samplers import SamplerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,14 +25,9 @@ def sample_cli(*args: str, **popen) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, **popen)
 
 
-def test_balanced_labels():
-    labels = balanced_labels(25, list(range(10)))
-    assert torch.bincount(labels).tolist() == [3] * 5 + [2] * 5
-
-
 def test_images_do_not_depend_on_batch_size(tmp_path, ckpt):
     loaded = load_pixelflow(ckpt)
-    config = SamplerConfig(steps=2, cfg=2.0)
+    config = SamplerConfig(steps=2, guidance_scale=2.0)
     a = np.load(generate(loaded, config, tmp_path / "a", 6, batch_size=6, save_png=False))
     b = np.load(generate(loaded, config, tmp_path / "b", 6, batch_size=4, save_png=False))
     assert np.array_equal(a["arr_1"], b["arr_1"])
@@ -55,7 +49,7 @@ def test_sample_cli_end_to_end(tmp_path, ckpt):
 @pytest.mark.slow
 def test_sample_cli_compiled_gives_the_eager_images(tmp_path, tiny_model):
     ckpt = export_released_format(tiny_model, CascadeSchedule(image_size=32, num_stages=2), tmp_path / "ckpt")  # 2 shapes
-    args = (f"ckpt={ckpt}", "num_samples=3", "batch_size=2", "sampler.steps=2", "sampler.cfg=1", "save_png=false")
+    args = (f"ckpt={ckpt}", "num_samples=3", "batch_size=2", "sampler.steps=2", "sampler.guidance_scale=1", "save_png=false")
     for name, extra in (("eager", []), ("compiled", ["compile=true"])):
         log = sample_cli(*args, f"out_dir={tmp_path / name}", *extra).communicate(timeout=600)[0]
         assert (tmp_path / name / "samples.npz").is_file(), log

@@ -14,7 +14,7 @@ from pixelflow.sampling.prompts import NO_LABEL, PromptSet, load_text_encoder, p
 from pixelflow.sampling.samplers import SamplerConfig
 from tests.sampling.test_generate import sample_cli
 
-CONFIG = SamplerConfig(steps=2, cfg=3.0)
+CONFIG = SamplerConfig(steps=2, guidance_scale=3.0)
 
 
 def test_prompts_cycle_over_the_samples_and_images_follow_the_prompt(tmp_path, t2i_export):
@@ -38,7 +38,7 @@ def test_prompts_file_labels_are_stored_with_the_samples(tmp_path, t2i_export):
     file.write_text("7\ta handwritten seven\n\n3\tthe digit 3\nno label here\n")
     prompts = read_prompts_file(file)
     assert prompts == PromptSet(("a handwritten seven", "the digit 3", "no label here"), (7, 3, NO_LABEL))
-    path = generate(load_pixelflow(t2i_export), SamplerConfig(steps=1, cfg=2.0), tmp_path / "out", 7, batch_size=4,
+    path = generate(load_pixelflow(t2i_export), SamplerConfig(steps=1, guidance_scale=2.0), tmp_path / "out", 7, batch_size=4,
                     prompts=prompts, negative_prompt="blurry")
     data = np.load(path, allow_pickle=False)
     assert data["arr_1"].tolist() == [7, 3, -1, 7, 3, -1, 7]

@@ -20,7 +20,7 @@ def _text(batch: int = 2, length: int = 5, seed: int = 0) -> TextCondition:
 
 
 def _sample(model, text, seed=3, **kw):
-    config = SamplerConfig(**{"steps": 2, "cfg": 4.0, **kw})
+    config = SamplerConfig(**{"steps": 2, "guidance_scale": 4.0, **kw})
     return CascadeSampler(model, SCHEDULE, config).sample(text, generator=torch.Generator().manual_seed(seed))
 
 
@@ -45,17 +45,19 @@ def test_every_fixed_grid_method_is_seeded_and_follows_the_text(t2i_model, metho
     assert (_sample(t2i_model, other, method=method).images - a.images).abs().max() > 1e-3
 
 
-def test_text_guidance_runs_both_branches_at_every_stage_and_skips_them_at_cfg_one(t2i_model):
+def test_text_guidance_runs_both_branches_at_every_stage_and_skips_them_at_guidance_one(t2i_model):
     rows = []
     t2i_model.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
-    _sample(t2i_model, _text(batch=3), steps=1, cfg=3.0)
+    _sample(t2i_model, _text(batch=3), steps=1, guidance_scale=3.0)
     assert rows == [6, 6, 6, 6]  # no stage ramp for text: stage 0 is guided too
     rows.clear()
-    assert _sample(t2i_model, _text(batch=3), steps=1, cfg=1.0).forward_rows == 12 and rows == [3, 3, 3, 3]
+    _sample(t2i_model, _text(batch=3), steps=1, guidance_scale=1.0)
+    assert rows == [3, 3, 3, 3]
 
 
-@pytest.mark.parametrize("kw", [dict(cfg=1.0), dict(cfg=3.0, guidance_interval=(0.4, 0.8)),
-                                dict(method="heun", cfg=1.0), dict(method="ab2", cfg=3.0, guidance_interval=(0.0, 0.5))])
+@pytest.mark.parametrize("kw", [dict(guidance_scale=1.0), dict(guidance_scale=3.0, guidance_interval=(0.4, 0.8)),
+                                dict(method="heun", guidance_scale=1.0),
+                                dict(method="ab2", guidance_scale=3.0, guidance_interval=(0.0, 0.5))])
 def test_guidance_skip_matches_the_full_computation_to_float_rounding(t2i_model, kw):
     check_guidance_skip_against_the_full_computation(t2i_model, SCHEDULE, _text(batch=3), 3, SamplerConfig(**{"steps": 3, **kw}))
 
@@ -63,7 +65,7 @@ def test_guidance_skip_matches_the_full_computation_to_float_rounding(t2i_model,
 def test_dopri5_samples_text_on_the_doubled_state(t2i_model):
     text = _text()
     noise = CascadeNoise.draw(SCHEDULE, 2, 3, doubled=True, generator=torch.Generator().manual_seed(0))
-    out = CascadeSampler(t2i_model, SCHEDULE, SamplerConfig(method="dopri5", cfg=3.0, atol=0.1, rtol=0.1)).sample(
+    out = CascadeSampler(t2i_model, SCHEDULE, SamplerConfig(method="dopri5", guidance_scale=3.0, atol=0.1, rtol=0.1)).sample(
         text, noise=noise)
     assert out.images.shape == (2, 3, 32, 32) and torch.isfinite(out.images).all()
     assert all(n >= 8 and (n - 2) % 6 == 0 for n in out.nfe)

@@ -6,7 +6,7 @@ from pixelflow.sampling.sweep_report import metric_figure
 
 
 def _row(method: str, steps: int, calls: float, fid: float) -> dict:
-    return dict(method=method, steps=steps, cfg=5.0, shift=1.0, guidance_interval=None, num_samples=1000,
+    return dict(method=method, steps=steps, guidance_scale=5.0, shift=1.0, guidance_interval=None, num_samples=1000,
                 model_calls_per_image=calls, seconds_per_image=0.1, classifier_fid=fid)
 
 

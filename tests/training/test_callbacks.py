@@ -33,7 +33,7 @@ def test_chunked_grid_equals_an_unchunked_one(tiny_model, tiny_schedule):
     from pixelflow.training.callbacks import SampleGrid
 
     labels = torch.arange(5).repeat_interleave(2)
-    grids = [SampleGrid("unused", steps=2, chunk_size=c, precision="fp32").sample(tiny_model, tiny_schedule, labels, "cpu")
+    grids = [SampleGrid("unused", sampler={"steps": 2}, chunk_size=c, precision="fp32").sample(tiny_model, tiny_schedule, labels)
              for c in (10, 3, 1)]
     assert grids[0].shape == (10, 32, 32, 3)
     assert torch.equal(grids[0], grids[1]) and torch.equal(grids[0], grids[2])
@@ -45,8 +45,10 @@ def test_chunk_size_must_be_positive():
 
     from pixelflow.training.callbacks import SampleGrid
 
-    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+    with pytest.raises(ValueError, match="callbacks.sample_grid.chunk_size must be an integer >= 1, got 0"):
         SampleGrid("unused", chunk_size=0)
+    with pytest.raises(ValueError, match=r"callbacks.sample_grid.sampler: unknown setting\(s\) \['cfg'\]"):
+        SampleGrid("unused", sampler={"cfg": 2.0})
 
 
 def test_grid_chunking_bounds_the_rows_sampled_at_once(tiny_model, tiny_schedule, monkeypatch):
@@ -63,8 +65,8 @@ def test_grid_chunking_bounds_the_rows_sampled_at_once(tiny_model, tiny_schedule
         return original(self, labels, *args, **kwargs)
 
     monkeypatch.setattr(callbacks.CascadeSampler, "sample", recording)
-    callbacks.SampleGrid("unused", steps=1, chunk_size=3, precision="fp32").sample(
-        tiny_model, tiny_schedule, torch.arange(10), "cpu")
+    callbacks.SampleGrid("unused", sampler={"steps": 1}, chunk_size=3, precision="fp32").sample(
+        tiny_model, tiny_schedule, torch.arange(10))
     assert seen == [3, 3, 3, 1]
 
 
@@ -80,3 +82,19 @@ def test_training_memory_estimate_includes_the_grid_chunk():
     small, large = (predict(cal, "XL/4", 256, 8, ema=True, grid_chunk=c) for c in (16, 64))
     assert 0 < small["sample_grid"] < large["sample_grid"]
     assert predict(cal, "XL/4", 256, 8, ema=True, grid_chunk=None)["sample_grid"] == 0
+
+
+def test_text_grid_chunks_never_change_an_image_and_rows_follow_their_prompt(t2i_model, tiny_schedule):
+    import torch
+
+    from pixelflow.text import tiny_random_t5
+    from pixelflow.training.callbacks import SampleGrid
+
+    encoder = tiny_random_t5(d_model=t2i_model.cross_attention_dim, num_heads=2, d_ff=32, num_layers=1)
+    prompts = ["a handwritten seven", "a handwritten seven", "the digit 3"]
+    grids = [SampleGrid("unused", sampler={"steps": 1}, chunk_size=c, precision="fp32").sample_text(
+        t2i_model, tiny_schedule, prompts, encoder) for c in (3, 2)]
+    assert grids[0].shape == (3, 32, 32, 3) and torch.equal(grids[0], grids[1])
+    other = SampleGrid("unused", sampler={"steps": 1}, chunk_size=3, precision="fp32").sample_text(
+        t2i_model, tiny_schedule, ["the digit 3"] * 3, encoder)
+    assert torch.equal(other[2], grids[0][2]) and not torch.equal(other[0], grids[0][0])  # same seed, other prompt

@@ -45,7 +45,8 @@ def test_final_evaluation_of_two_emas_goes_to_metrics_jsonl_and_the_logger(tmp_p
     assert [(r["step"], r["ema_decay"]) for r in records] == [(2, 0.9), (2, 0.5)]
     for r in records:
         assert set(r["metrics"]) == {"classifier_accuracy", "classifier_fid"} and r["metrics"]["classifier_fid"] > 0
-        assert r["sampler"]["steps"] == 1 and r["sampler"]["cfg"] == 5.0 and r["num_samples"] == 20 and r["reference"] == "mnist_test"
+        assert r["sampler"]["steps"] == 1 and r["sampler"]["guidance_scale"] == 5.0 and r["precision"] == "fp32"
+        assert r["num_samples"] == 20 and r["reference"] == "mnist_test"
     assert records[0]["metrics"] != records[1]["metrics"]  # two different sets of weights
     with open(next((run_dir / "logs").glob("version_*/metrics.csv"))) as fh:
         logged = [row for row in csv.DictReader(fh) if row.get("eval/ema0.5/classifier_fid")]
@@ -74,7 +75,8 @@ def test_killed_and_resumed_run_has_each_evaluation_exactly_once(tmp_path, eval_
 
 @pytest.mark.parametrize(("extra", "match"), [
     (["callbacks.evaluate.ema=[0.7]"], "no EMA with rate 0.7"),
-    (["callbacks.evaluate.sampler.method=rk4"], "sampler method must be one of"),
+    (["callbacks.evaluate.sampler.method=rk4"], "callbacks.evaluate.sampler: sampler method must be one of"),
+    (["callbacks.evaluate.sampler.steps=[1,2]"], r"sampler steps \[1, 2\] give 2 stage\(s\) but the schedule has 4"),
     (["callbacks.evaluate.classifier=false"], "leave no metric"),
     (["callbacks.evaluate.ref=/nonexistent/ref.npz"], "ref.npz"),
 ])
