@@ -219,8 +219,8 @@ def _measure_sampling(model: torch.nn.Module, schedule: CascadeSchedule, sampler
 def _sampling_figure(recipe: Recipe) -> dict:
     """The training benchmark's sampling figure: one timed Euler run of the recipe's (training) network."""
     c = recipe.config
-    measured = _measure_sampling(recipe.model, recipe.schedule, SamplerConfig(method="euler", steps=c.sample_steps, guidance_scale=c.guidance_scale),
-                                 c.sample_batch, c.sample_precision, recipe.device, 1)
+    sampler = SamplerConfig(method="euler", steps=c.sample_steps, guidance_scale=c.guidance_scale)
+    measured = _measure_sampling(recipe.model, recipe.schedule, sampler, c.sample_batch, c.sample_precision, recipe.device, 1)
     recipe.model.train()
     return {"images_per_s": measured["images_per_s"], "seconds_per_batch": measured["seconds_per_batch"],
             "batch": c.sample_batch, "precision": resolve_precision(c.sample_precision, recipe.device),
@@ -289,7 +289,8 @@ def _training_benchmark(config: BenchmarkConfig) -> dict:
     if device.type == "meta":
         guidance = 2 if config.guidance_scale > 1 else 1  # a guided call runs the conditional and the unconditional row
         sample_flops = stage_forward_flops(recipe.model, recipe.schedule, 1, device) * config.sample_steps * guidance
-        result["sample"] = {"flops_per_image": sample_flops, "steps_per_stage": config.sample_steps, "guidance_scale": config.guidance_scale}
+        result["sample"] = {"flops_per_image": sample_flops, "steps_per_stage": config.sample_steps,
+                            "guidance_scale": config.guidance_scale}
         for part, flops in ((result["train"], flops_per_image), (result["sample"], sample_flops)):
             part["estimated_images_per_s"] = (
                 {f"mfu_{m:.2f}": m * peak_tflops * 1e12 / flops for m in config.assumed_mfu} if peak_tflops else None)
