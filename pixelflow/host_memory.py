@@ -3,8 +3,8 @@
 glibc's malloc serves blocks above its mmap threshold with fresh ``mmap`` pages and returns them
 to the OS on free; it also trims the heap top once more than twice that threshold is free. A CPU
 forward at sampling batch sizes allocates and frees tens of megabytes per layer, so every layer
-pays the kernel's page faults again; keeping the pages makes large-batch CPU sampling faster (the
-figures are in docs/sampling.md). :func:`keep_freed_memory` raises both thresholds and keeps 64 MiB of
+pays the kernel's page faults again; keeping the pages makes large-batch CPU sampling faster (measured in
+docs/notes/2026-12-cpu-sampling-speed.md). :func:`keep_freed_memory` raises both thresholds and keeps 64 MiB of
 padding at the heap top, closer to how tcmalloc or jemalloc behave, for the sampling entrypoints.
 The process then keeps what it freed for reuse; blocks of 32 MiB and more are still mapped and
 returned each time.

@@ -32,8 +32,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)`` without the call where ``t`` already has it. ``Tensor.to`` would return ``t`` itself then,
-    but through the dispatcher, a few microseconds on the CPU; the model's forward makes about thirty such
-    casts (its fp32 regions), so at small stages they are a measurable share of a step."""
+    but through the dispatcher; the model's forward makes about thirty such casts (its fp32 regions), and at small
+    stages on the CPU their dispatch is a measurable share of a step."""
     return t if t.dtype == dtype else t.to(dtype)
 
 

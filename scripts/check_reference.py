@@ -6,11 +6,8 @@ only if all pass.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pixelflow.golden.cli import main  # noqa: E402
+from pixelflow.golden.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

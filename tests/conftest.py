@@ -89,6 +89,6 @@ def tiny_schedule():
 
 @pytest.fixture(scope="session")
 def eval_cache(tmp_path_factory):
-    """A cache folder for evaluation during training, shared by the session: the MNIST classifier is trained into it
-    once (~35 s on 2 cores)."""
+    """A cache folder for evaluation during training, shared by every test of the run: the MNIST classifier is
+    trained into it once."""
     return tmp_path_factory.mktemp("pixelflow-eval-cache")

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from lightning.fabric import Fabric
 
-from pixelflow.checkpoint import LoadedModel
+from pixelflow.checkpoint import LoadedModel, load_pixelflow
 from pixelflow.metrics.evaluation import EvalOptions, evaluate, write_metrics
 from pixelflow.metrics.io import load_image_set
 from pixelflow.metrics.references import default_num_ref, is_mnist_reference, resolve_reference
@@ -35,9 +35,10 @@ from pixelflow.sampling.call_counter import CallCounter
 from pixelflow.sampling.compile import batch_sizes, compile_loaded
 from pixelflow.sampling.generate import SHARD_DIR, finished_indices, generate
 from pixelflow.sampling.samplers import SamplerConfig
+from pixelflow.sampling.sweep_report import write_report
 
 __all__ = ["SweepError", "AXES", "Cell", "SweepOptions", "build_cells", "eval_options", "reference_scorer", "run_cell",
-           "run_sweep", "DISTANCE_TO_DOPRI5", "add_distance_to_dopri5"]
+           "run_sweep", "sweep_from_config", "DISTANCE_TO_DOPRI5", "add_distance_to_dopri5"]
 
 logger = logging.getLogger(__name__)
 
@@ -277,3 +278,24 @@ def run_sweep(loaded: LoadedModel, cells: list[Cell], out_dir: str | Path, score
             on_cell_done(cell, result)
     add_distance_to_dopri5(out_dir, cells, results)
     return results
+
+
+def sweep_from_config(c: Mapping[str, Any], on_cell_done: Callable[[Cell, dict], None] | None = None) -> list[Path]:
+    """Run the sweep a resolved ``conf/sweep_sampler.yaml`` describes (finishing only missing cells) and write its
+    report; returns the report's paths (results.csv, results.md, then the plots)."""
+    if not c["out_dir"] or not c["ref"]:
+        raise SweepError("both out_dir= and ref= are required, e.g. `python scripts/sweep_sampler.py out_dir=sweeps/a ref=mnist_test`")
+    base = SamplerConfig.from_mapping(c["sampler"])
+    loaded = load_pixelflow(c["ckpt"], c["config"], allow_download=c["allow_download"], ema=c["ema"])
+    cells = build_cells(base, c["axes"] or {}, c["num_samples"], loaded.schedule.num_stages)
+    ref = str(c["ref"])
+    evals = eval_options(ref, c["inception"], c["classifier"], c["num_ref"], batch_size=c["eval_batch_size"],
+                         device=c["eval_device"], inception_weights=c["inception_weights"], cache_dir=c["cache_dir"],
+                         kid=bool(c["kid"]))
+    fixed = {"ref": ref, "ema": c["ema"], "inception": evals.inception, "classifier": evals.classifier,
+             "num_ref": evals.num_ref, "inception_weights": evals.inception_weights, "kid": evals.kid}
+    opts = SweepOptions(batch_size=c["batch_size"], seed=c["seed"], classes=c["classes"], precision=c["precision"],
+                        compile=bool(c["compile"]), fixed=fixed)
+    fabric = Fabric(accelerator=c["accelerator"], devices=1)
+    results = run_sweep(loaded, cells, c["out_dir"], reference_scorer(ref, evals), opts, fabric, on_cell_done)
+    return write_report(c["out_dir"], results)

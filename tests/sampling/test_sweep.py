@@ -1,7 +1,6 @@
 """scripts/sweep_sampler.py and pixelflow.sampling.sweep / sweep_report: the grid, per-cell resume, the report."""
 
 import csv
-import importlib.util
 import json
 import re
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from lightning.fabric import Fabric
+from omegaconf import OmegaConf
 
 import pixelflow.sampling.sweep as sweep
 from pixelflow.cascade import CascadeSchedule
@@ -20,7 +20,7 @@ from pixelflow.metrics.io import write_adm_npz
 from pixelflow.metrics.references import mnist_images
 from pixelflow.sampling.generate import generate
 from pixelflow.sampling.samplers import SamplerConfig
-from pixelflow.sampling.sweep import Cell, SweepError, SweepOptions, build_cells, eval_options, run_sweep
+from pixelflow.sampling.sweep import Cell, SweepError, SweepOptions, build_cells, eval_options, run_sweep, sweep_from_config
 from pixelflow.sampling.sweep_report import write_report
 from tests.hydra_utils import compose_config
 
@@ -193,16 +193,9 @@ def test_restart_with_other_fixed_settings_is_refused(tmp_path, ckpt):
         run_sweep(loaded, looser, tmp_path, mean_pixel, SweepOptions(seed=0, fixed={"ref": "a"}), Fabric(accelerator="cpu"))
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("sweep_sampler_script", ROOT / "scripts" / "sweep_sampler.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_out_dir_and_ref_are_required():
     with pytest.raises(SweepError, match="both out_dir= and ref= are required"):
-        _script().run(compose_config("sweep_sampler", ["ref=mnist_test"]))
+        sweep_from_config(OmegaConf.to_container(compose_config("sweep_sampler", ["ref=mnist_test"]), resolve=True))
 
 
 @pytest.mark.slow
