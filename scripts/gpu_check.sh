@@ -16,8 +16,8 @@
 #
 # Steps, and their durations on one H100 SXM by estimate (none measured yet):
 #   step             what                                                              estimate  timeout
-#   wheels           pure-Python wheels from carry/ (make gpu-wheels) into a --target      10 s     30 s
-#                    folder, pip --no-index --no-deps; skipped when they import already
+#   wheels           pure-Python wheels from carry/ (make gpu-wheels) into a --target      15 s     45 s
+#                    folder, pip --no-index --no-deps, then imported; skipped when they import
 #   gpu_tests        pytest -m gpu tests/test_gpu.py (bf16 agreement, Dopri5 memory at       45 s    100 s
 #                    batch 16, two steps of the 24 GB training recipe)
 #   sampling         scripts/gpu_check.py --part sampling: XL/4 256 px, Euler 30 + CFG       55 s    110 s
@@ -26,7 +26,7 @@
 #   training         --part train: imagenet256_xl4_24gb, XL/4 micro-batch 32, 2 steps          25 s     60 s
 #   compile_eager    scripts/benchmark.py --sampling: S/4 256 px bf16, Euler 10, batch 8        15 s     40 s
 #   compile_compiled the same with --compile (4 shapes, compile time reported apart)          75 s    140 s
-#   total                                                                                  255 s    550 s
+#   total                                                                                  260 s    565 s
 # Method: time = FLOPs / (assumed MFU x peak) + per-process start. FLOPs counted exactly on the meta device
 # (torch FlopCounterMode, one row through each stage): XL/4 0.058, 0.237, 1.049, 5.819 TFLOP at 32-256 px;
 # T2I-XL/4 (512 text tokens) 1.40, 6.83, 52.9, 627 TFLOP at 128-1024 px; S/4 0.003-0.48 TFLOP; training
@@ -61,8 +61,8 @@ export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 cd "$ROOT"
 
 STEPS=(wheels gpu_tests sampling text_memory training compile_eager compile_compiled)
-declare -A ESTIMATE=([wheels]=10 [gpu_tests]=45 [sampling]=55 [text_memory]=30 [training]=25 [compile_eager]=15 [compile_compiled]=75)
-declare -A TIMEOUT=([wheels]=30 [gpu_tests]=100 [sampling]=110 [text_memory]=70 [training]=60 [compile_eager]=40 [compile_compiled]=140)
+declare -A ESTIMATE=([wheels]=15 [gpu_tests]=45 [sampling]=55 [text_memory]=30 [training]=25 [compile_eager]=15 [compile_compiled]=75)
+declare -A TIMEOUT=([wheels]=45 [gpu_tests]=100 [sampling]=110 [text_memory]=70 [training]=60 [compile_eager]=40 [compile_compiled]=140)
 BUDGET="${GPU_CHECK_BUDGET_S:-570}"
 if (( DRY_RUN )); then
   for s in "${STEPS[@]}"; do TIMEOUT[$s]=600; done
@@ -161,8 +161,8 @@ for s in "${STEPS[@]}"; do
     note="not selected (--only $ONLY)"
   elif [[ "$s" == wheels ]] && (( DRY_RUN )); then
     note="dry run: nothing installed"
-  elif [[ "$s" == wheels ]] && "$PYTHON" -c "import hydra, omegaconf, torch_fidelity, webdataset" 2>/dev/null; then
-    note="hydra, omegaconf, torch_fidelity and webdataset import already"
+  elif [[ "$s" == wheels ]] && "$PYTHON" -c "import hydra, omegaconf, torch_fidelity, webdataset, pytest" 2>/dev/null; then
+    note="hydra, omegaconf, torch_fidelity, webdataset and pytest import already"
   elif [[ "$s" == wheels ]] && ! ls "$ROOT"/carry/*.whl >/dev/null 2>&1; then
     echo "no wheels in $ROOT/carry: run 'make gpu-wheels' on a machine with PyPI, and carry carry/ along" > "$log"
     record "$REPORT" "$s" failed 0 "" "$log" "" "no wheels in carry/"
@@ -187,7 +187,7 @@ for s in "${STEPS[@]}"; do
   if (( rc == 0 )); then status=ok
   elif (( rc == 124 || rc == 137 )); then status=timeout; failures=$((failures + 1))
   else status=failed; failures=$((failures + 1)); fi
-  [[ "$s" == wheels && "$status" == ok ]] && ! "$PYTHON" -c "import hydra, omegaconf, torch_fidelity, webdataset" >> "$log" 2>&1 \
+  [[ "$s" == wheels && "$status" == ok ]] && ! "$PYTHON" -c "import hydra, omegaconf, torch_fidelity, webdataset, pytest" >> "$log" 2>&1 \
     && { status=failed; failures=$((failures + 1)); }
   record "$REPORT" "$s" "$status" "$((SECONDS - t0))" "$rc" "$log" "$out" ${note:+"$note"}
   echo "[gpu_check] ($n/${#STEPS[@]}) $s: $status in $((SECONDS - t0)) s (exit $rc; log $log)"
