@@ -54,7 +54,7 @@ def _free_port() -> int:
 
 
 def _launch(run_dir: Path, folder: Path, bin_dir: Path, steps: int, pause: float) -> list[subprocess.Popen]:
-    """Two ranks of train.py as srun starts them: one process per task, its rank in the SLURM variables."""
+    """Two ranks of train.py as srun starts them: one process each, its rank in the SLURM variables."""
     overrides = tiny_train_overrides(run_dir, steps, [
         "trainer=ddp_cpu", "trainer.strategy=ddp", "callbacks.checkpoint.every_n_train_steps=1000", "hydra.output_subdir=null",
         "+callbacks.progress._target_=tests.training.test_slurm_requeue.Progress", f"+callbacks.progress.folder={folder}",
