@@ -15,9 +15,11 @@ test:                   ## the full test suite, slow tests included (what CI run
 lint: setup
 	.venv/bin/python -m ruff check .
 
-# Pure-Python wheels the GPU image lacks, for scripts/gpu_check.sh (installed there with --no-index --no-deps).
-# wandb and gradio are left out: the check does not import them (and gradio alone pulls dozens of packages).
-GPU_WHEELS = hydra-core==1.3.8 omegaconf==2.3.1 torch-fidelity==0.4.0 webdataset==1.0.2 braceexpand==0.1.7
+# Pure-Python wheels the GPU image lacks, for scripts/gpu_check.sh (installed there with --no-index --no-deps
+# --target). wandb and gradio are left out: the check does not import them (and gradio alone pulls dozens of
+# packages). pytest and its requirements ride along in case the image has none (it runs the gpu tests).
+GPU_WHEELS = hydra-core==1.3.8 omegaconf==2.3.1 torch-fidelity==0.4.0 webdataset==1.0.2 braceexpand==0.1.7 \
+             pytest==8.4.2 iniconfig==2.3.1 pluggy==1.7.0 pygments==2.21.0
 gpu-wheels:
 	mkdir -p carry
 	.venv/bin/python -m pip download -q --no-deps --only-binary=:all: -d carry $(GPU_WHEELS)

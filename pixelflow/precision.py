@@ -10,6 +10,9 @@ matmuls, the setting of the published ``sample_ddp.py``. What it changes against
   in bf16, as in the published code.
 - fp32 matmuls outside autocast (the conditioning MLPs) use TF32 on Ampere and newer GPUs.
 
+``fp32`` is IEEE fp32 on every device: TF32 off (a training run turns it on for the whole process) and no
+enclosing autocast (:func:`strict_fp32`).
+
 Deliberate differences from the published run under bf16 (each keeps more precision, none changes
 the method): the published Euler scheduler returns the updated latent in the model output's dtype
 (bf16) and casts the timestep to the latent's dtype, so its latent is rounded to bf16 after every
@@ -25,7 +28,7 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["PRECISIONS", "as_dtype", "resolve_precision", "sampling_precision"]
+__all__ = ["PRECISIONS", "as_dtype", "resolve_precision", "sampling_precision", "strict_fp32"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -50,20 +53,45 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
 
 
 @contextmanager
+def _tf32(enabled: bool) -> Iterator[None]:
+    """TF32 for fp32 matmuls and cuDNN convolutions on or off in the enclosed code; both switches restored on exit.
+
+    Matmuls go through ``torch.set_float32_matmul_precision`` alone ("high" is TF32, "highest" IEEE fp32), the
+    call the training launch and the benchmark make: writing ``torch.backends.cuda.matmul.allow_tf32`` after it
+    mixes torch's two TF32 interfaces, and torch (2.9 and later) then refuses to read the precision back."""
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+
+
+@contextmanager
+def strict_fp32() -> Iterator[None]:
+    """IEEE fp32 arithmetic in the enclosed code, whatever the process set before: TF32 off for matmuls and cuDNN
+    convolutions, and an enclosing autocast (CPU or CUDA) switched off; all restored on exit, also after an error.
+
+    A training run sets TF32 on (``torch.set_float32_matmul_precision("high")``); code that must compute exactly
+    what it computes alone (the fp32 sampling path, reference features) runs inside this."""
+    with _tf32(False), torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        yield
+
+
+@contextmanager
 def sampling_precision(precision: str, device: torch.device | str) -> Iterator[str]:
     """Run the enclosed sampling in ``precision`` on ``device``; yields the resolved name.
 
-    TF32 switches are restored on exit, so training or other code in the process is unaffected.
+    fp32 is :func:`strict_fp32`; bf16 is autocast with TF32 on. The TF32 switches are restored on exit, so
+    training or other code in the process is unaffected.
     """
     device = torch.device(device)
     resolved = resolve_precision(precision, device)
     if resolved == "fp32":
-        yield resolved
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with strict_fp32():
             yield resolved
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        return
+    with _tf32(True), torch.autocast(device.type, dtype=torch.bfloat16):
+        yield resolved

@@ -9,7 +9,9 @@ Method (bytes; P = parameter count, L = depth):
 - static S = 4P weights + 8P AdamW moments + 4P EMA copy (fp32) = 16P, plus the input batch; exact.
 - per step, on top of S, where the stage mix enters through T = tokens of the micro-batch's
   per-stage sub-batches (every sample at its own stage's size, no padding):
-    forward high-water  F   (saved activations + autocast's bf16 weight copies + one op's output)
+    forward high-water  F + 4P  (saved activations + autocast's bf16 weight copies + one op's output, and
+                        the gradients of the micro-batch before: Lightning zeroes them only after the
+                        next training_step's forward, and accumulation keeps them by design)
     kept for backward   R   (saved activations; with checkpointing only block inputs)
     backward            B = R + 4P + W  (bound: all that is kept, every gradient, and the working set
                         W of one block, a line in T_last = tokens of the full-size stage's sub-batch)
@@ -22,8 +24,14 @@ Method (bytes; P = parameter count, L = depth):
   :class:`TensorMemoryTracker` counts live tensor bytes (the CPU analogue of
   torch.cuda.max_memory_allocated). CPU and CUDA autocast cast the same ops and both run flash
   attention (memory linear in tokens), so the per-token bytes carry over to a GPU.
-    sample grid        G   the SampleGrid callback's bf16 sampling of one chunk (pixelflow.sampling.memory)
-- peak = S + max(F, B, k_opt 4P, G); the budget adds the CUDA context and allocator slack.
+    sample grid        G + 4P  the SampleGrid callback's bf16 sampling of one chunk (pixelflow.sampling.memory,
+                        at its steps) after an optimizer step, with that step's gradients still held
+                        (zeroed after the next forward, as above)
+- peak = S + max(F + 4P, B, k_opt 4P, G + 4P); the budget adds the CUDA context and allocator slack.
+- ``--ddp``: DDP adds 4P to S: its gradient buckets (``bucket_cap_mb`` 25, the torch and Lightning default,
+  only sets how the gradients are split) are allocated when the model is wrapped and hold a flat copy
+  of every gradient beside ``param.grad``, as DDP's default ``gradient_as_bucket_view=False`` keeps them
+  apart (with True the gradients would be views into the buckets and this term would vanish).
 
 Sampling (``--sampling``): pixelflow/sampling/memory.py's model (the refusal in sample.py uses it),
 per batch, method and precision; ``--calibrate`` refits its coefficients by the same instrumented
@@ -56,6 +64,7 @@ from pixelflow.sampling.memory import (
     CUDA_CONTEXT_BYTES,
     FORWARD_COEFFICIENTS,
     GIB,
+    PUBLISHED_STEPS,
     TEXT_LENGTH,
     sampling_budget_bytes,
     sampling_peak_bytes,
@@ -152,21 +161,27 @@ def _eval(c: list[float], depth: int, x: int) -> float:
 
 
 def predict(cal: dict, model: str, image_size: int, micro_batch: int, ema: bool, num_classes: int = 1000,
-            grid_chunk: int | None = 16) -> dict:
-    """Peak bytes of one optimizer step of ``model`` at full depth from the fitted coefficients ``cal``."""
+            grid_chunk: int | None = 16, grid_steps: int = 10, ddp: bool = False, gradients_kept: bool = True) -> dict:
+    """Peak bytes of one optimizer step of ``model`` at full depth from the fitted coefficients ``cal``.
+
+    ``grid_chunk`` / ``grid_steps``: the SampleGrid callback's chunk_size and steps (conf/callbacks/default.yaml);
+    ``ddp``: count DDP's gradient buckets; ``gradients_kept``: the forward runs with the gradients of the
+    micro-batch before still held (every step but a run's first; False for comparing with :func:`measure`)."""
     depth, patch = PIXELFLOW_CONFIGS[model]["depth"], PIXELFLOW_CONFIGS[model]["patch_size"]
     p = param_count(model, num_classes=num_classes)
     total, last = tokens(image_size, micro_batch, patch)
-    static = (12 + (4 if ema else 0)) * p + micro_batch * 3 * image_size**2 * 4  # + the fp32 input batch
-    fwd, retained = _eval(cal["forward"], depth, total), _eval(cal["retained"], depth, total)
+    # weights, AdamW moments (+ EMA), DDP's gradient buckets, and the fp32 input batch
+    static = (12 + (4 if ema else 0) + (4 if ddp else 0)) * p + micro_batch * 3 * image_size**2 * 4
+    kept = 4 * p if gradients_kept else 0.0
+    fwd, retained = _eval(cal["forward"], depth, total) + kept, _eval(cal["retained"], depth, total)
     # Bound: everything kept for backward, every gradient, and one block's working set at once.
     bwd = retained + 4 * p + cal["working_set"][0] + cal["working_set"][1] * last
     opt = cal["k_opt"] * 4 * p
-    # The SampleGrid callback between steps (gradients freed): bf16 Euler + CFG on grid_chunk images, its
-    # weights already in S (pixelflow.sampling.memory's model less the 4P it counts for them).
+    # The SampleGrid callback after an optimizer step: bf16 Euler + CFG on grid_chunk images. The sampling model's
+    # 4P for the weights (already in S) stands for the 4P of the step's gradients, still held.
     with torch.device("meta"):
         net = build_model(model, num_classes=num_classes)
-    grid = sampling_peak_bytes(net, image_size, grid_chunk, "euler", "bf16") - 4 * p if grid_chunk else 0.0
+    grid = sampling_peak_bytes(net, image_size, grid_chunk, "euler", "bf16", steps=grid_steps) if grid_chunk else 0.0
     phases = {"forward": fwd, "backward": bwd, "optimizer": opt, "sample_grid": grid}
     peak = static + max(phases.values())
     return {"params": p, "tokens": total, "tokens_last_stage": last, "static": static, "forward": fwd,
@@ -191,7 +206,8 @@ def validate(model: str, precision: str, ckpt: bool, ema: bool, micro_batches: l
     cal = fit(measure_runs(model, precision, ckpt, ema, small, num_classes=num_classes))
     checks = []
     for micro_batch in micro_batches:
-        predicted = predict(cal, model, image_size, micro_batch, ema, num_classes, grid_chunk=None)  # a step, no grid
+        # a run's first step (measure() starts without gradients), no grid
+        predicted = predict(cal, model, image_size, micro_batch, ema, num_classes, grid_chunk=None, gradients_kept=False)
         measured = measure(model, depth, image_size, micro_batch, precision, ckpt, ema, num_classes)
         actual = measured["static"] + max(measured["forward"], measured["backward"], measured["optimizer"])
         checks.append({
@@ -249,7 +265,7 @@ def measure_sampling_run(model: str, image_size: int, batch: int, method: str, p
     with torch.no_grad(), tracker, sampling_precision(precision, "cpu"):
         noise = CascadeNoise.draw(schedule, batch, 3, method == "dopri5", torch.Generator().manual_seed(0))
         sampler.sample(labels, noise=noise)
-    predicted = sampling_peak_bytes(net, image_size, batch, method, precision, coefficients=coefficients)
+    predicted = sampling_peak_bytes(net, image_size, batch, method, precision, coefficients=coefficients, steps=2)
     return {"model": model, "image_size": image_size, "batch": batch, "method": method, "precision": precision,
             "measured_peak_bytes": tracker.peak, "predicted_peak_bytes": round(predicted),
             "relative_error": predicted / tracker.peak - 1}
@@ -302,9 +318,10 @@ def flan_t5_xl_bytes(dtype_bytes: int, cache_size: int = 256, max_length: int = 
 
 
 def sampling_estimates(model: str, image_size: int, batches: list[int], methods: list[str],
-                       encoder_on_device: bool = True) -> list[dict]:
+                       encoder_on_device: bool = True, steps: int = PUBLISHED_STEPS) -> list[dict]:
     """Peak and budget (GiB) of sampling ``model`` per batch, method and precision, from the library's model
-    (a T2I model: 512-token text and, if ``encoder_on_device``, Flan-T5-XL's encoder in the same precision)."""
+    (a T2I model: 512-token text and, if ``encoder_on_device``, Flan-T5-XL's encoder in the same precision);
+    ``steps`` a stage for the fixed-grid methods."""
     text = model.startswith("T2I")
     with torch.device("meta"):
         net = build_model(model) if text else build_model(model, num_classes=1000)
@@ -313,7 +330,7 @@ def sampling_estimates(model: str, image_size: int, batches: list[int], methods:
         encoder = flan_t5_xl_bytes(2 if precision == "bf16" else 4) if text and encoder_on_device else 0.0
         for method in methods:
             for batch in batches:
-                peak = sampling_peak_bytes(net, image_size, batch, method, precision, encoder_bytes=encoder)
+                peak = sampling_peak_bytes(net, image_size, batch, method, precision, encoder_bytes=encoder, steps=steps)
                 budget = sampling_budget_bytes(peak)
                 rows.append({"precision": precision, "method": method, "batch": batch, "peak_allocated": round(peak / GIB, 2),
                              **({"text_encoder": round(encoder / GIB, 2)} if text else {}),
@@ -340,6 +357,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="sampling instead of training: --batch per method and precision (pixelflow.sampling.memory)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 16, 32, 64, 100], help="--sampling batches")
     p.add_argument("--method", nargs="+", default=["dopri5", "euler"], help="--sampling methods")
+    p.add_argument("--steps", type=int, default=PUBLISHED_STEPS, help="--sampling: steps a stage (fixed-grid methods)")
+    p.add_argument("--ddp", action="store_true", help="training: count DDP's gradient buckets (one process per GPU)")
+    p.add_argument("--grid-steps", type=int, default=10, help="training: the SampleGrid callback's steps")
     p.add_argument("--no-encoder-on-device", dest="encoder_on_device", action="store_false",
                    help="with --sampling and a T2I model: the text encoder lives elsewhere (CPU, another device)")
     p.add_argument("--text", action="store_true", help="with --sampling: refit the T2I cross-attention term on CPU")
@@ -353,9 +373,9 @@ def main(argv: list[str] | None = None) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # checkpointing's use_reentrant notes etc.
         if args.sampling:
-            result = {"model": args.model, "image_size": args.image_size, "units": "GiB",
+            result = {"model": args.model, "image_size": args.image_size, "steps": args.steps, "units": "GiB",
                       "estimates": sampling_estimates(args.model, args.image_size, args.batch, args.method,
-                                                      args.encoder_on_device)}
+                                                      args.encoder_on_device, args.steps)}
             if args.text:
                 result["fitted_text_weight_copy_bytes"] = {p: fit_text(p) for p in ("fp32", "bf16")}
             if args.calibrate:
@@ -366,10 +386,10 @@ def main(argv: list[str] | None = None) -> dict:
                                      for check in validate(m, args.precision, ckpt, args.ema, args.micro_batch)]}
         else:
             setting = {"model": args.model, "calibration_size": args.calibration_size, "precision": args.precision,
-                       "gradient_checkpointing": args.ckpt, "ema": args.ema}
+                       "gradient_checkpointing": args.ckpt, "ema": args.ema, "ddp": args.ddp}
             if args.calibration:
                 earlier = json.loads(Path(args.calibration).read_text())
-                if any(earlier[k] != v for k, v in setting.items() if k != "ema"):  # EMA only changes S
+                if any(earlier[k] != v for k, v in setting.items() if k not in ("ema", "ddp")):  # both only change S
                     raise SystemExit(f"{args.calibration} was calibrated for a different setting than {setting}")
                 runs = earlier["calibration_runs"]
             else:
@@ -377,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
             cal = fit(runs)
             estimates = []
             for mb in args.micro_batch:
-                est = gib(predict(cal, args.model, args.image_size, mb, args.ema))
+                est = gib(predict(cal, args.model, args.image_size, mb, args.ema, grid_steps=args.grid_steps, ddp=args.ddp))
                 est.update(micro_batch=mb, fits=est["budget"] <= args.gpu_gib)
                 estimates.append(est)
             result = {**setting, "image_size": args.image_size, "gpu_gib": round(args.gpu_gib, 2), "units": "GiB (tokens, params: counts)",

@@ -1,123 +1,168 @@
-"""The GPU measurements of scripts/gpu_check.sh, as one JSON object (``--dry-run``: tiny sizes on CPU).
+"""One measurement of scripts/gpu_check.sh as JSON (``--dry-run``: the same at tiny sizes on CPU).
 
-Sampling XL/4 (random weights, 256 px) with Euler 30 steps + CFG and with Dopri5, batch 16, bf16 and fp32:
-seconds per image and peak memory (torch.cuda.max_memory_allocated); bf16 vs fp32 pixel agreement on the same
-noise; then the imagenet256_xl4_24gb training figures from scripts/benchmark.py (3 steps). Text-to-image:
-T2I-XL/4 at 1024 px (random weights and 512-token text states, no T5), bf16 Euler, batch 1 and 3: peak memory
-against pixelflow.sampling.memory's estimate (docs/sampling.md's 24 GB plan).
+    python scripts/gpu_check.py --part sampling --out sampling.json
+
+``--part sampling``: XL/4 (random weights, 256 px). Euler 30 steps + CFG at batch 16 in bf16 (seconds per
+image, peak memory against pixelflow.sampling.memory's estimate); Euler 10 steps on 2 images in bf16 and
+fp32 from the same noise (their pixel agreement, and fp32's speed and memory: fp32 runs without TF32, on
+CUDA cores instead of tensor cores, so it runs on few images); Dopri5 + CFG in bf16 at batch 4 (its
+CFG-doubled state is the estimate's largest term).
+``--part text``: T2I-XL/4 at 1024 px (random weights and 512-token text states, no T5), bf16 Euler with one
+step a stage, batch 1 and 3: peak memory against the estimate (docs/sampling.md's 24 GB plan).
+``--part train``: the imagenet256_xl4_24gb training figures from scripts/benchmark.py (2 timed steps).
+
+``--out`` is rewritten (atomically) after every measurement, so a part cut short by its timeout still
+reports what it finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pixelflow.atomic import atomic_write_text
+from pixelflow.benchmarking import BenchmarkConfig, run_benchmark
+from pixelflow.cascade import CascadeSchedule
+from pixelflow.model import build_model
+from pixelflow.precision import sampling_precision
+from pixelflow.profiling import synchronize
+from pixelflow.sampling.memory import sampling_peak_bytes
+from pixelflow.sampling.samplers import CascadeNoise, CascadeSampler, SamplerConfig
+from pixelflow.text import TextCondition
 
-import benchmark  # noqa: E402
+GIB = 2**30
+# Per part: full size on one GPU, and the dry run's tiny sizes on CPU.
+SAMPLING = {"full": dict(model="XL/4", image_size=256, batch=16, steps=30, pair_batch=2, pair_steps=10, dopri5_batch=4),
+            "dry": dict(model="Test/2", image_size=32, batch=2, steps=2, pair_batch=2, pair_steps=2, dopri5_batch=2)}
+TEXT = {"full": dict(model="T2I-XL/4", image_size=1024, batches=(1, 3), text_length=512),
+        "dry": dict(model="T2I-Test/2", image_size=32, batches=(1, 2), text_length=12)}
+TRAIN = {"full": BenchmarkConfig(model="XL/4", device="cuda", micro_batch=32, precision="bf16-mixed", grad_checkpointing=True,
+                                 steps=2, sample_batch=0, padding=False),
+         "dry": BenchmarkConfig(model="Test/2", micro_batch=4, steps=1, sample_batch=0, padding=False)}
 
-from pixelflow.cascade import CascadeSchedule  # noqa: E402
-from pixelflow.model import build_model  # noqa: E402
-from pixelflow.precision import sampling_precision  # noqa: E402
-from pixelflow.sampling.memory import sampling_peak_bytes  # noqa: E402
-from pixelflow.sampling.samplers import CascadeNoise, CascadeSampler, SamplerConfig  # noqa: E402
-from pixelflow.text import TextCondition  # noqa: E402
+
+class Report:
+    """The part's JSON object, written to ``path`` (if any) after every entry."""
+
+    def __init__(self, path: str | None, **fields):
+        self.path, self.data = path, dict(fields)
+
+    def add(self, key: str, value) -> None:
+        self.data[key] = value
+        if self.path:
+            atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
 
 
-def sampling_checks(model: str, image_size: int, batch: int, euler_steps: int, device: torch.device) -> dict:
+def random_network(name: str, device: torch.device, **kwargs) -> torch.nn.Module:
+    """``name`` with N(0, 0.02) weights: the published init zeroes the output, random weights exercise the integrator."""
     torch.manual_seed(0)
     with torch.device(device):
-        net = build_model(model, num_classes=1000).eval()
-    with torch.no_grad():
-        for p in net.parameters():  # the published init zeroes the output: random weights exercise the integrator
-            p.normal_(0, 0.02)
-    schedule = CascadeSchedule(image_size=image_size)
-    labels = torch.arange(batch, device=device) % 1000
-    report, images = {}, {}
-    for method, config in (("euler", SamplerConfig(steps=euler_steps, guidance_scale=4.0)),
-                           ("dopri5", SamplerConfig(method="dopri5", guidance_scale=2.4))):
-        noise = CascadeNoise.draw(schedule, batch, 3, method == "dopri5", torch.Generator(device).manual_seed(0), device)
-        for precision in ("bf16", "fp32"):
-            sampler = CascadeSampler(net, schedule, config)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-            start = time.perf_counter()
-            with sampling_precision(precision, device):
-                out = sampler.sample(labels, noise=noise)
-            benchmark.synchronize(device)
-            seconds = time.perf_counter() - start
-            images[method, precision] = out.images
-            report[f"{method}_{precision}"] = {
-                "seconds_per_image": seconds / batch, "model_calls_per_stage": out.nfe,
-                "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-                "estimated_peak_gib": sampling_peak_bytes(net, image_size, batch, method, precision) / 2**30}
-        diff = (images[method, "bf16"] - images[method, "fp32"]).abs()
-        report[f"{method}_bf16_vs_fp32"] = {"max_abs": diff.max().item(), "mean_abs": diff.mean().item(),
-                                            "units": "pixel values in [-1, 1]"}
-    return {"model": model, "image_size": image_size, "batch": batch, "euler_steps": euler_steps, **report}
-
-
-def text_memory_checks(model: str, image_size: int, batches: tuple[int, ...], text_length: int, device: torch.device) -> dict:
-    """Peak memory of bf16 Euler text-to-image sampling (2 steps a stage: memory does not grow with steps) vs the estimate."""
-    torch.manual_seed(0)
-    with torch.device(device):
-        net = build_model(model).eval()
+        net = build_model(name, **kwargs).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.02)
-    schedule, report = CascadeSchedule(image_size=image_size), {}
-    for batch in batches:
-        mask = torch.ones(2 * batch, text_length, dtype=torch.long, device=device)
+    return net
+
+
+def start_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+def sample(net, schedule, config: SamplerConfig, precision: str, labels, noise, device) -> tuple[torch.Tensor, dict]:
+    """One timed sampling run: its images and its entry (seconds per image, model calls, peak vs estimate)."""
+    batch = len(labels)
+    start_peak(device)
+    start = time.perf_counter()
+    with sampling_precision(precision, device):
+        out = CascadeSampler(net, schedule, config).sample(labels, noise=noise)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    estimate = sampling_peak_bytes(net, schedule.image_size, batch, config.method, precision, steps=config.steps)
+    steps = None if config.method == "dopri5" else config.steps  # Dopri5 adapts: see model_calls_per_stage
+    return out.images, {"method": config.method, "precision": precision, "batch": batch, "steps": steps,
+                        "seconds_per_image": seconds / batch, "model_calls_per_stage": out.nfe,
+                        "peak_memory_gib": peak_gib(device), "estimated_peak_gib": estimate / GIB}
+
+
+def sampling_checks(size: dict, device: torch.device, report: Report) -> None:
+    net = random_network(size["model"], device, num_classes=1000)
+    schedule = CascadeSchedule(image_size=size["image_size"])
+
+    def draw(batch: int, doubled: bool = False) -> tuple[torch.Tensor, CascadeNoise]:
+        labels = torch.arange(batch, device=device) % 1000
+        return labels, CascadeNoise.draw(schedule, batch, 3, doubled, torch.Generator(device).manual_seed(0), device)
+
+    labels, noise = draw(2)  # warm-up (CUDA context, library handles): untimed
+    sample(net, schedule, SamplerConfig(steps=1), "bf16", labels, noise, device)
+    euler = SamplerConfig(steps=size["steps"], guidance_scale=4.0)
+    report.add("euler_bf16", sample(net, schedule, euler, "bf16", *draw(size["batch"]), device)[1])
+    pair = SamplerConfig(steps=size["pair_steps"], guidance_scale=4.0)
+    labels, noise = draw(size["pair_batch"])
+    images = {}
+    for precision in ("bf16", "fp32"):
+        images[precision], entry = sample(net, schedule, pair, precision, labels, noise, device)
+        report.add(f"euler_{precision}_pair", entry)
+    diff = (images["bf16"] - images["fp32"]).abs()
+    report.add("euler_bf16_vs_fp32", {"max_abs": diff.max().item(), "mean_abs": diff.mean().item(),
+                                      "units": "pixel values in [-1, 1]"})
+    dopri5 = SamplerConfig(method="dopri5", guidance_scale=2.4)
+    report.add("dopri5_bf16", sample(net, schedule, dopri5, "bf16", *draw(size["dopri5_batch"], doubled=True), device)[1])
+
+
+def text_memory_checks(size: dict, device: torch.device, report: Report) -> None:
+    """Peak memory of bf16 Euler text-to-image sampling (one step a stage) against the estimate."""
+    net = random_network(size["model"], device)
+    schedule, length = CascadeSchedule(image_size=size["image_size"]), size["text_length"]
+    config = SamplerConfig(steps=1, guidance_scale=4.0)
+    for batch in size["batches"]:
+        mask = torch.ones(2 * batch, length, dtype=torch.long, device=device)
         mask[:batch, 1:] = 0  # the empty prompt's single token
-        text = TextCondition(torch.randn(2 * batch, text_length, net.cross_attention_dim, device=device), mask)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
+        text = TextCondition(torch.randn(2 * batch, length, net.cross_attention_dim, device=device), mask)
+        start_peak(device)
         start = time.perf_counter()
         with sampling_precision("bf16", device):
-            CascadeSampler(net, schedule, SamplerConfig(steps=2, guidance_scale=4.0)).sample(
-                text, generator=torch.Generator(device).manual_seed(0))
-        benchmark.synchronize(device)
-        report[f"batch_{batch}"] = {
-            "seconds": time.perf_counter() - start,
-            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-            "estimated_peak_gib": sampling_peak_bytes(net, image_size, batch, "euler", "bf16", text_length=text_length) / 2**30}
-    return {"model": model, "image_size": image_size, "text_length": text_length, "euler_steps": 2, **report}
+            CascadeSampler(net, schedule, config).sample(text, generator=torch.Generator(device).manual_seed(0))
+        synchronize(device)
+        estimate = sampling_peak_bytes(net, schedule.image_size, batch, "euler", "bf16", text_length=length, steps=1)
+        report.add(f"batch_{batch}", {"seconds": time.perf_counter() - start, "peak_memory_gib": peak_gib(device),
+                                      "estimated_peak_gib": estimate / GIB})
+
+
+def training_checks(config: BenchmarkConfig, report: Report) -> None:
+    train = run_benchmark(config)
+    for key in ("recipe", "train", "mfu"):
+        report.add(key, train[key])
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--dry-run", action="store_true", help="Test/2 at 32 px on CPU: checks the script, measures nothing")
-    p.add_argument("--out", default=None, help="also write the JSON here")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--part", required=True, choices=("sampling", "text", "train"))
+    p.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU: checks the script, measures nothing")
+    p.add_argument("--out", default=None, help="write the JSON here (after every measurement)")
     args = p.parse_args(argv)
     device = torch.device("cpu" if args.dry_run else "cuda")
-    if args.dry_run:
-        sample = sampling_checks("Test/2", 32, 2, 2, device)
-        text = text_memory_checks("T2I-Test/2", 32, (1, 2), 12, device)
-        train = benchmark.run(benchmark.parse_args(["--model", "Test/2", "--micro-batch", "4", "--steps", "1",
-                                                    "--sample-batch", "0", "--no-padding"]))
+    size = "dry" if args.dry_run else "full"
+    report = Report(args.out, part=args.part, dry_run=args.dry_run, torch=torch.__version__,
+                    device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
+    if args.part == "sampling":
+        report.add("model", SAMPLING[size]["model"])
+        sampling_checks(SAMPLING[size], device, report)
+    elif args.part == "text":
+        report.add("model", TEXT[size]["model"])
+        text_memory_checks(TEXT[size], device, report)
     else:
-        sample = sampling_checks("XL/4", 256, 16, 30, device)
-        text = text_memory_checks("T2I-XL/4", 1024, (1, 3), 512, device)
-        train = benchmark.run(benchmark.parse_args([
-            "--model", "XL/4", "--device", "cuda", "--micro-batch", "32", "--precision", "bf16-mixed",
-            "--grad-checkpointing", "--steps", "3", "--sample-batch", "0", "--no-padding"]))
-    result = {"dry_run": args.dry_run, "torch": torch.__version__,
-              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "sampling": sample, "text_to_image_memory": text,
-              "training_imagenet256_xl4_24gb": {k: train[k] for k in ("recipe", "train", "mfu")}}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
-    return result
+        training_checks(TRAIN[size], report)
+    print(json.dumps(report.data, indent=2))
+    return report.data
 
 
 if __name__ == "__main__":

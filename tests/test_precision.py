@@ -1,7 +1,9 @@
+import contextlib
+
 import pytest
 import torch
 
-from pixelflow.precision import as_dtype, resolve_precision, sampling_precision
+from pixelflow.precision import as_dtype, resolve_precision, sampling_precision, strict_fp32
 from pixelflow.sampling.samplers import CascadeNoise, CascadeSampler, SamplerConfig
 
 
@@ -44,8 +46,54 @@ def test_bf16_sampling_agrees_with_fp32_on_the_same_noise(tiny_model, tiny_sched
     assert 0 < diff.max() < 0.05 and diff.mean() < 0.005
 
 
-def test_tf32_switch_is_restored():
-    before = torch.backends.cuda.matmul.allow_tf32
-    with sampling_precision("bf16", "cpu"):
-        assert torch.backends.cuda.matmul.allow_tf32
-    assert torch.backends.cuda.matmul.allow_tf32 == before
+def _tf32_switches() -> tuple[str, bool, bool]:
+    return (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+
+
+@pytest.fixture
+def process_tf32():
+    """Restores the process-wide switches after the test, whatever it did to them."""
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    yield
+    torch.set_float32_matmul_precision(saved[0])
+    torch.backends.cudnn.allow_tf32 = saved[1]
+
+
+IEEE = ("highest", False, False)
+
+
+@pytest.mark.parametrize("fp32", [lambda: sampling_precision("fp32", "cuda"), strict_fp32], ids=["sampling", "strict"])
+@pytest.mark.parametrize("raises", [False, True])
+def test_fp32_turns_tf32_off_after_a_training_launch_turned_it_on_and_restores_it(process_tf32, fp32, raises):
+    torch.set_float32_matmul_precision("high")  # what run_training and the benchmark set
+    torch.backends.cudnn.allow_tf32 = True
+    before = _tf32_switches()
+    assert before == ("high", True, True)
+    with pytest.raises(RuntimeError, match="inside") if raises else contextlib.nullcontext():
+        with fp32():
+            assert _tf32_switches() == IEEE
+            if raises:
+                raise RuntimeError("inside")
+    assert _tf32_switches() == before
+
+
+def test_fp32_switches_an_enclosing_autocast_off_and_back_on(process_tf32):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with sampling_precision("fp32", "cpu"):
+            assert not torch.is_autocast_enabled("cpu")
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+        assert torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.parametrize("start", ["highest", "high", "medium"])
+@pytest.mark.parametrize("raises", [False, True])
+def test_bf16_turns_tf32_on_and_restores_every_starting_setting(process_tf32, start, raises):
+    torch.set_float32_matmul_precision(start)
+    torch.backends.cudnn.allow_tf32 = False
+    before = _tf32_switches()
+    with pytest.raises(RuntimeError, match="inside") if raises else contextlib.nullcontext():
+        with sampling_precision("bf16", "cpu"):
+            assert _tf32_switches() == ("high", True, True)
+            if raises:
+                raise RuntimeError("inside")
+    assert _tf32_switches() == before  # readable: torch refuses to read a precision set through mixed interfaces

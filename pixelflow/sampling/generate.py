@@ -143,7 +143,7 @@ def generate(loaded: LoadedModel, config: SamplerConfig, out_dir: str | Path, nu
     if device_bytes is not None:
         text = {} if encoder is None else dict(text_length=encoder.max_length, encoder_bytes=encoder.device_bytes())
         check_sampling_fits(model, schedule.image_size, min(batch_size, num_samples), config.method, precision,
-                            device_bytes, guided=config.guidance_scale > 1, **text)
+                            device_bytes, guided=config.guidance_scale > 1, steps=config.steps, **text)
     out_dir = Path(out_dir)
     shard_dir = out_dir / SHARD_DIR
     if fabric.is_global_zero:

@@ -7,8 +7,14 @@ D = width, X = rows x tokens of the largest forward: the last stage, 2B rows wit
          + F(L, X)  forward high-water of one guided velocity call above the weights:
                     (c0 + c1 L) D^2 + (a0 + a1 L) D X   (autocast's cached bf16 weight copies; one
                     block's working set per token, activations are not kept under no_grad)
+         + M(steps)  the adaLN vectors the sampler holds: a fixed-grid method (Euler, Heun, AB2) computes
+                    every step's for a whole stage at once, (m_b L + m_h) D bytes per row per step (fp32);
+                    Dopri5 computes one call's at a time (its steps are adaptive)
          + k x latent bytes (fp32, 3 channels at the final size) held by the integrator and the
                     pre-drawn noise: Euler/Heun keep a few B-row latents, Dopri5 its 2B-row stages.
+
+F + M is taken at the stage where it is largest: the last one when every stage has the same steps, since
+a stage's vectors are freed before the next stage computes its own.
 
 Text-to-image models (``cross_attention_dim`` D_t, text length T, default the published 512) add
 
@@ -30,10 +36,13 @@ measures them on a GPU.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 __all__ = ["CUDA_CONTEXT_BYTES", "ALLOCATOR_SLACK", "FORWARD_COEFFICIENTS", "STATE_LATENTS", "TEXT_WEIGHT_COPY_BYTES",
-           "TEXT_LENGTH", "sampling_peak_bytes", "sampling_budget_bytes", "max_fitting_batch", "check_sampling_fits"]
+           "TEXT_LENGTH", "MODULATION_BYTES", "PUBLISHED_STEPS", "modulation_bytes", "sampling_peak_bytes",
+           "sampling_budget_bytes", "max_fitting_batch", "check_sampling_fits"]
 
 GIB = 2**30
 # Outside the allocator's count: CUDA context + kernels (~0.5-0.6 GiB with torch 2.x) and the caching
@@ -58,6 +67,29 @@ STATE_LATENTS = {"euler": 5.0, "heun": 7.0, "dopri5": 56.0}
 # (T2I-XL/4 width, depth 2 and 3, 64 px, 64 text tokens): bf16 2.000 (autocast's bf16 copies), fp32 -4e-5 (none).
 TEXT_WEIGHT_COPY_BYTES = {"fp32": 0.0, "bf16": 2.0}
 TEXT_LENGTH = 512  # published prompt length (tokens)
+# (m_b, m_h): bytes per D per row and step of the adaLN vectors, fp32 in every precision. A block keeps its
+# six factors' (rows, 6D) linear output (they are views of it) and the two it forms from it, 1 + scale and
+# (1 + scale) x the MLP norm's weight: 8D floats. The head keeps its (rows, 2D) output and 1 + scale: 3D.
+MODULATION_BYTES = (32, 12)
+PUBLISHED_STEPS = 30  # Euler steps a stage of the published sampler
+
+
+def modulation_bytes(model: torch.nn.Module, rows: int, steps: int) -> float:
+    """Bytes of the adaLN vectors of ``steps`` network calls on ``rows`` rows each (one stage's, fixed grid)."""
+    per_block, head = MODULATION_BYTES
+    return steps * rows * model.hidden_size * (per_block * len(model.transformer_blocks) + head)
+
+
+def _stage_steps(method: str, steps: int | Sequence[int], image_size: int) -> list[int]:
+    """Calls whose vectors a stage holds at once, per stage (one int: the same for every stage, so the last
+    stage, the largest, stands for all): a fixed-grid stage's steps, Dopri5 one call."""
+    per_stage = [steps] if isinstance(steps, int) else list(steps)
+    if not per_stage or any(not isinstance(k, int) or k < 1 for k in per_stage):
+        raise ValueError(f"steps must be a positive int or one positive int per stage, got {steps!r}")
+    if image_size % 2 ** (len(per_stage) - 1):
+        raise ValueError(f"steps {steps!r} gives {len(per_stage)} stages, but image_size {image_size} is not divisible "
+                         f"by 2**{len(per_stage) - 1}: pass one step count per stage of the sampler's schedule")
+    return [1] * len(per_stage) if method == "dopri5" else per_stage
 
 
 def _text_bytes(model: torch.nn.Module, batch: int, precision: str, text_length: int) -> float:
@@ -72,21 +104,30 @@ def _text_bytes(model: torch.nn.Module, batch: int, precision: str, text_length:
 
 def sampling_peak_bytes(model: torch.nn.Module, image_size: int, batch: int, method: str, precision: str,
                         guided: bool = True, coefficients: dict | None = None, state: dict | None = None,
-                        text_length: int = TEXT_LENGTH, encoder_bytes: float = 0.0) -> float:
+                        text_length: int = TEXT_LENGTH, encoder_bytes: float = 0.0, *,
+                        steps: int | Sequence[int] = PUBLISHED_STEPS) -> float:
     """Estimated peak allocated bytes of sampling ``batch`` images with ``model`` (any device, even meta).
 
-    Text-to-image: ``text_length`` tokens per prompt; ``encoder_bytes`` of a text encoder on the same device."""
+    ``steps``: the sampler's steps a stage (:attr:`SamplerConfig.steps`, an int or one per stage; the default is
+    the published 30, so callers that sample with other steps pass theirs; Dopri5 ignores it). Text-to-image:
+    ``text_length`` tokens per prompt; ``encoder_bytes`` of a text encoder on the same device."""
     if precision not in FORWARD_COEFFICIENTS:
         raise ValueError(f"precision must be a resolved one of {tuple(FORWARD_COEFFICIENTS)}, got {precision!r}")
     c0, c1, a0, a1 = (coefficients or FORWARD_COEFFICIENTS)[precision]
     params = sum(p.numel() for p in model.parameters())
     depth, width = len(model.transformer_blocks), model.hidden_size
     rows = batch * (2 if guided or method == "dopri5" else 1)
-    x = rows * (image_size // model.patch_size) ** 2
-    forward = (c0 + c1 * depth) * width**2 + (a0 + a1 * depth) * width * x
+    per_stage = _stage_steps(method, steps, image_size)
+
+    def stage_bytes(stage: int, calls: int) -> float:
+        x = rows * (image_size // 2 ** (len(per_stage) - 1 - stage) // model.patch_size) ** 2
+        forward = (c0 + c1 * depth) * width**2 + (a0 + a1 * depth) * width * x
+        return forward + modulation_bytes(model, rows, calls)
+
+    held = max(stage_bytes(stage, calls) for stage, calls in enumerate(per_stage))
     latent = batch * model.in_channels * image_size**2 * 4
     text = _text_bytes(model, batch, precision, text_length) + encoder_bytes
-    return 4 * params + forward + (state or STATE_LATENTS)[method] * latent + text
+    return 4 * params + held + (state or STATE_LATENTS)[method] * latent + text
 
 
 def sampling_budget_bytes(peak: float) -> float:
@@ -95,11 +136,12 @@ def sampling_budget_bytes(peak: float) -> float:
 
 
 def max_fitting_batch(model: torch.nn.Module, image_size: int, method: str, precision: str, device_bytes: float,
-                      guided: bool = True, text_length: int = TEXT_LENGTH, encoder_bytes: float = 0.0) -> int:
+                      guided: bool = True, text_length: int = TEXT_LENGTH, encoder_bytes: float = 0.0, *,
+                      steps: int | Sequence[int] = PUBLISHED_STEPS) -> int:
     """Largest batch whose budget fits ``device_bytes`` (0 if not even one image fits)."""
     def fits(b: int) -> bool:
         peak = sampling_peak_bytes(model, image_size, b, method, precision, guided, text_length=text_length,
-                                   encoder_bytes=encoder_bytes)
+                                   encoder_bytes=encoder_bytes, steps=steps)
         return sampling_budget_bytes(peak) <= device_bytes
 
     lo, hi = 0, 1  # fits(lo) (or lo = 0), and the search ends at the first hi that does not fit
@@ -113,9 +155,10 @@ def max_fitting_batch(model: torch.nn.Module, image_size: int, method: str, prec
 
 def check_sampling_fits(model: torch.nn.Module, image_size: int, batch: int, method: str, precision: str,
                         device_bytes: float, guided: bool = True, text_length: int = TEXT_LENGTH,
-                        encoder_bytes: float = 0.0) -> float:
-    """Raise ValueError, naming the batch that fits, if ``batch`` will not fit ``device_bytes``; return the budget."""
-    text = dict(text_length=text_length, encoder_bytes=encoder_bytes)
+                        encoder_bytes: float = 0.0, *, steps: int | Sequence[int] = PUBLISHED_STEPS) -> float:
+    """Raise ValueError, naming the batch that fits, if ``batch`` will not fit ``device_bytes``; return the budget.
+    ``steps`` as for :func:`sampling_peak_bytes`."""
+    text = dict(text_length=text_length, encoder_bytes=encoder_bytes, steps=steps)
     budget = sampling_budget_bytes(sampling_peak_bytes(model, image_size, batch, method, precision, guided, **text))
     if budget > device_bytes:
         best = max_fitting_batch(model, image_size, method, precision, device_bytes, guided, **text)

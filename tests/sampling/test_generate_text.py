@@ -80,7 +80,7 @@ def test_wrong_conditions_are_clear_errors(tmp_path, t2i_export, tiny_model, tin
 def test_a_batch_that_only_fits_without_the_text_encoder_is_refused(tmp_path, t2i_export):
     loaded = load_pixelflow(t2i_export)
     encoder = load_text_encoder(loaded)
-    model_only = sampling_budget_bytes(sampling_peak_bytes(loaded.model, 32, 2, "euler", "fp32", text_length=32))
+    model_only = sampling_budget_bytes(sampling_peak_bytes(loaded.model, 32, 2, "euler", "fp32", text_length=32, steps=CONFIG.steps))
     memory_gib = (model_only + encoder.device_bytes() / 2) / GIB
     with pytest.raises(ValueError, match=r"batch_size=2 at 32 px \(euler, fp32\) needs an estimated"):
         generate(loaded, CONFIG, tmp_path / "x", 2, 2, prompts=prompt_set(["a"]), device_memory_gib=memory_gib)
