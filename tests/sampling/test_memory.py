@@ -67,11 +67,7 @@ def test_text_adds_its_states_cross_attention_copies_and_the_encoder(t2i_xl4):
 
 def test_documented_1024px_batch_for_24gb(t2i_xl4):
     """docs/sampling.md: T2I-XL/4 at 1024 px, bf16, Euler, Flan-T5-XL (bf16, full prompt cache) on the same card."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-    from estimate_memory import flan_t5_xl_bytes
+    from pixelflow.training.memory_estimate import flan_t5_xl_bytes
 
     encoder = flan_t5_xl_bytes(2)
     assert 2.7 * GIB < encoder < 2.9 * GIB  # 1.22e9 weights in bf16 + 256 cached prompts
@@ -119,7 +115,7 @@ def _measured_peak(net, steps, precision: str) -> int:
     noise = CascadeNoise.draw(schedule, 2, 3, False, torch.Generator().manual_seed(0))
     tracker = LiveBytes(*net.parameters(), labels, noise.init, *noise.transitions)
     with tracker, sampling_precision(precision, "cpu"):
-        CascadeSampler(net, schedule, SamplerConfig(steps=steps, cfg=4.0)).sample(labels, noise=noise)
+        CascadeSampler(net, schedule, SamplerConfig(steps=steps, guidance_scale=4.0)).sample(labels, noise=noise)
     return tracker.peak
 
 

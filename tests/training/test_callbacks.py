@@ -72,11 +72,7 @@ def test_grid_chunking_bounds_the_rows_sampled_at_once(tiny_model, tiny_schedule
 
 def test_training_memory_estimate_includes_the_grid_chunk():
     """The 24 GB recipe's estimate carries the sample grid's phase, and a larger chunk costs more."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))
-    from estimate_memory import predict
+    from pixelflow.training.memory_estimate import predict
 
     cal = {"forward": [0.0] * 4, "retained": [0.0] * 4, "working_set": [0.0, 0.0], "k_opt": 2.0}
     small, large = (predict(cal, "XL/4", 256, 8, ema=True, grid_chunk=c) for c in (16, 64))

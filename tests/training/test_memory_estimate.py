@@ -1,8 +1,5 @@
-"""scripts/estimate_memory.py's training terms that come from how Lightning and DDP hold gradients, and the
+"""pixelflow.training.memory_estimate's training terms that come from how Lightning and DDP hold gradients, and the
 behaviour of those two that the terms rest on."""
-
-import importlib.util
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -11,11 +8,8 @@ import torch.distributed as dist
 
 from pixelflow.model import build_model
 from pixelflow.sampling.memory import sampling_peak_bytes
+from pixelflow.training import memory_estimate as estimate_memory
 from tests.live_bytes import LiveBytes
-
-spec = importlib.util.spec_from_file_location("estimate_memory", Path(__file__).parents[1] / "scripts" / "estimate_memory.py")
-estimate_memory = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(estimate_memory)
 
 ZERO = {"forward": [0.0] * 4, "retained": [0.0] * 4, "working_set": [0.0, 0.0], "k_opt": 2.0}
 
