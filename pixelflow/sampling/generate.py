@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+import zipfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import torch
 from lightning.fabric import Fabric
 from tqdm.auto import tqdm
 
+from pixelflow.atomic import atomic_save_npz
 from pixelflow.checkpoint import LoadedModel
 from pixelflow.conditioning import Conditioning
 from pixelflow.images import save_grid, save_pngs
@@ -39,23 +40,25 @@ SHARD_DIR = "shards"
 
 
 def finished_indices(shard_dir: Path) -> set[int]:
-    """Sample indices already in readable shards of ``shard_dir`` (unreadable shards are deleted)."""
+    """Sample indices already in readable shards of ``shard_dir``. Shards are written atomically, so an unreadable
+    one is damage from outside (it is deleted and its samples made again); a killed write leaves only a hidden
+    ``.partial`` temporary, which no shard glob matches and which is removed here."""
+    for leftover in shard_dir.glob(".shard_*.partial"):
+        leftover.unlink(missing_ok=True)
     done: set[int] = set()
     for shard in sorted(shard_dir.glob("shard_*.npz")):
         try:
             with np.load(shard, allow_pickle=False) as data:
                 done.update(int(i) for i in data["indices"])
-        except (OSError, ValueError, KeyError, EOFError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             logger.warning("ignoring unreadable shard %s (interrupted write?); its samples will be regenerated", shard)
             shard.unlink()
     return done
 
 
 def _write_shard(shard_dir: Path, indices: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> None:
-    path = shard_dir / f"shard_{int(indices[0]):07d}.npz"
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, indices=indices.numpy(), images=images.numpy(), labels=labels.numpy())
-    os.replace(tmp, path)  # atomic: a killed run never leaves a half-written shard
+    atomic_save_npz(shard_dir / f"shard_{int(indices[0]):07d}.npz", indices=indices.numpy(), images=images.numpy(),
+                    labels=labels.numpy())
 
 
 def assemble(out_dir: Path, num_samples: int, settings: dict) -> Path:

@@ -19,6 +19,7 @@ from torchdiffeq import odeint
 
 from pixelflow.cascade import CascadeSchedule
 from pixelflow.conditioning import Conditioning, as_conditioning
+from pixelflow.layers import fp32_region
 from pixelflow.model import Modulation
 from pixelflow.sampling.integrators import STEPPERS
 
@@ -308,11 +309,12 @@ class CascadeSampler:
         """Every draw of a run of ``batch`` images, on the network's device: image i's from ``seeds[i]`` (batch
         independent), else all from ``generator`` (None: torch's default one). Dopri5's draws cover its doubled state."""
         channels, doubled = self.model.in_channels, self.config.doubled
-        if seeds is None:
-            return CascadeNoise.draw(self.schedule, batch, channels, doubled, generator, self.device)
-        if len(seeds) != batch:
+        if seeds is not None and len(seeds) != batch:
             raise ValueError(f"{len(seeds)} seeds given for {batch} images: give one seed per image")
-        return CascadeNoise.per_sample(self.schedule, seeds, channels, doubled, self.device)
+        with fp32_region(self.device):  # the block correlation is a matmul: under a caller's autocast it would run in bf16
+            if seeds is None:
+                return CascadeNoise.draw(self.schedule, batch, channels, doubled, generator, self.device)
+            return CascadeNoise.per_sample(self.schedule, seeds, channels, doubled, self.device)
 
     def sample(
         self,

@@ -9,7 +9,7 @@ import pytest
 
 from pixelflow.cascade import CascadeSchedule
 from pixelflow.checkpoint import export_released_format, load_pixelflow
-from pixelflow.sampling.generate import assemble, generate
+from pixelflow.sampling.generate import assemble, finished_indices, generate
 from pixelflow.sampling.samplers import SamplerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,3 +158,20 @@ def test_assemble_holds_at_most_one_copy_of_the_images(tmp_path):
     data = np.load(path, allow_pickle=False)
     assert np.array_equal(data["arr_0"][:, 0, 0, 0], np.arange(n) % 251) and data["arr_1"].tolist() == [i % 10 for i in range(n)]
     assert not (shard_dir / "assembling.npy").exists()
+
+
+def test_a_resumed_run_skips_killed_writes_and_regenerates_damaged_shards(tmp_path, ckpt):
+    """A shard's temporary never matches the shard glob; what a kill leaves (a hidden .partial) and a shard damaged
+    from outside (not a zip) are both cleared, and the run makes exactly the missing samples."""
+    out = tmp_path / "out"
+    generate(load_pixelflow(ckpt), SamplerConfig(steps=2), out, 6, 2, save_png=False)
+    shards = out / "shards"
+    assert not list(shards.glob(".*"))  # no temporaries left behind by finished writes
+    first = np.load(out / "samples.npz")["arr_0"]
+    (out / "samples.npz").unlink()
+    (shards / ".shard_0000002.npz.k1ll3d.partial").write_bytes(b"PK\x03\x04 half a zip")
+    (shards / "shard_0000004.npz").write_bytes(b"PK\x03\x04 not a zip any more")
+    assert finished_indices(shards) == {0, 1, 2, 3}
+    assert not list(shards.glob(".*")) and not (shards / "shard_0000004.npz").exists()
+    generate(load_pixelflow(ckpt), SamplerConfig(steps=2), out, 6, 2, save_png=False)
+    assert np.array_equal(np.load(out / "samples.npz")["arr_0"], first)

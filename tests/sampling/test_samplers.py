@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from pixelflow.cascade import CascadeSchedule
 from pixelflow.conditioning import ClassCondition
 from pixelflow.model import build_model
 from pixelflow.sampling.call_counter import CallCounter
@@ -271,3 +272,18 @@ def test_sampling_runs_in_inference_mode_and_training_still_works_after_it(tiny_
     loss = (model(pair.x_t, pair.timestep, torch.tensor([1, 2])) - pair.target).square().mean()
     loss.backward()
     assert all(p.grad is not None for p in model.transformer_blocks.parameters())
+
+
+def test_noise_is_drawn_in_fp32_under_a_callers_autocast():
+    """The block-noise correlation is a matmul: drawn inside a bf16 autocast it would be rounded to bf16."""
+    sampler = CascadeSampler(build_model("Test/2", num_classes=10).eval(), CascadeSchedule(image_size=32),
+                             SamplerConfig(method="dopri5"))
+    plain = sampler.draw_noise(3, seeds=[1, 2, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = sampler.draw_noise(3, seeds=[1, 2, 3])
+        from_generator = sampler.draw_noise(3, generator=torch.Generator().manual_seed(0))
+    assert all(t.dtype == torch.float32 for t in [inside.init, *inside.transitions, *from_generator.transitions])
+    assert torch.equal(plain.init, inside.init)
+    assert all(torch.equal(a, b) for a, b in zip(plain.transitions, inside.transitions))
+    expected = sampler.draw_noise(3, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(expected.transitions, from_generator.transitions))
