@@ -103,8 +103,8 @@ class EvaluateSamples(L.Callback):
             _write_records(self.metrics_file, kept)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0 and step != self._last_step:
+        step = trainer.global_step  # optimizer steps: 0 until the first one, through every accumulated micro-batch
+        if self.every_n_steps and step and step % self.every_n_steps == 0 and step != self._last_step:
             self._last_step = step
             self.evaluate(trainer, pl_module)
 

@@ -1,11 +1,12 @@
 """Evaluation during training: metrics.jsonl lines per (step, EMA rate), every logger, exactly once across a kill and resume."""
 
 import csv
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 
-from pixelflow.training.eval_callback import read_metrics
+from pixelflow.training.eval_callback import EvaluateSamples, read_metrics
 from pixelflow.training.launch import run_training
 from tests.hydra_utils import compose_config, tiny_train_overrides
 
@@ -85,3 +86,13 @@ def test_bad_settings_fail_before_training(tmp_path, extra, match):
     with pytest.raises(Exception, match=match):
         run_training(compose_config("train", _overrides(run_dir, 2, tmp_path / "cache", extra)))
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_periodic_evaluation_waits_for_an_optimizer_step():
+    """With gradient accumulation the first micro-batches end at global step 0: nothing has trained yet."""
+    callback = EvaluateSamples("unused.jsonl", "mnist_test", every_n_steps=2)
+    steps = []
+    callback.evaluate = lambda trainer, pl_module: steps.append(trainer.global_step)
+    for step in (0, 0, 1, 1, 2, 2, 3, 4):  # accumulation 2: two micro-batches per optimizer step
+        callback.on_train_batch_end(SimpleNamespace(global_step=step), None)
+    assert steps == [2, 4]
