@@ -21,6 +21,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from omegaconf import OmegaConf
 from safetensors import SafetensorError
 
+from pixelflow.atomic import atomic_torch_save, atomic_write_bytes, atomic_write_text
 from pixelflow.cascade import CascadeSchedule
 from pixelflow.model import PixelFlowTransformer
 
@@ -240,8 +241,8 @@ def export_released_format(model: PixelFlowTransformer, schedule: CascadeSchedul
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    torch.save(state, out / filename)
-    safetensors.torch.save_file(state, out / f"{Path(filename).stem}.safetensors")
+    atomic_torch_save(state, out / filename)
+    atomic_write_bytes(out / f"{Path(filename).stem}.safetensors", safetensors.torch.save(state))
     cfg = {"model": {"target": "pixelflow.model.PixelFlowTransformer", "params": model_kwargs(model)},
            "scheduler": {"num_train_timesteps": schedule.num_train_timesteps, "num_stages": schedule.num_stages},
            "data": {"resolution": schedule.image_size}}
@@ -251,5 +252,5 @@ def export_released_format(model: PixelFlowTransformer, schedule: CascadeSchedul
         cfg["ema_decays"] = [float(d) for d in ema_decays]
     if text_encoder:
         cfg["text_encoder"] = dict(text_encoder)
-    OmegaConf.save(OmegaConf.create(cfg), out / "config.yaml")
+    atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
     return out / filename

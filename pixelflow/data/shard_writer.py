@@ -29,6 +29,7 @@ import webdataset as wds
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from tqdm import tqdm
 
+from pixelflow.atomic import atomic_write_text
 from pixelflow.data.caption_folder import caption_pairs, read_caption
 from pixelflow.data.imagenet import CROPS, default_resize, deterministic_transform, imagenet_class_names
 from pixelflow.data.robust import UNREADABLE_ERRORS, open_rgb
@@ -101,9 +102,7 @@ def _write_shard(tar_path: Path, results: Iterator, first_key: int, fmt: str, sr
 
 
 def _atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def write_shards(settings: ShardSettings) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pixelflow.atomic import atomic_save_npz, atomic_write_text
 from pixelflow.metrics import fid as M
 from pixelflow.metrics.inception import EXTRACTOR_NAME, SPATIAL_CHANNELS, InceptionFeatures, default_cache_dir, resolve_inception_weights
 from pixelflow.metrics.io import EvaluationInputError, ImageSet, load_image_set
@@ -90,9 +90,7 @@ def _cached(cache: Path, parts: list[Any], compute: Callable[[], dict[str, np.nd
             logger.warning("feature cache %s is unreadable (%s); recomputing", path, err)
     feats = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{key}.tmp{os.getpid()}.npz")
-    np.savez(tmp, **feats)
-    os.replace(tmp, path)
+    atomic_save_npz(path, **feats)
     return feats
 
 
@@ -203,9 +201,7 @@ def write_metrics(result: dict[str, Any], path: str | Path) -> Path:
     """Write ``result`` as JSON (atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(result, indent=2, sort_keys=False) + "\n")
     return path
 
 

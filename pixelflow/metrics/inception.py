@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
+from pixelflow.atomic import atomic_torch_save
 from pixelflow.metrics.io import EvaluationInputError, sha256_file
 
 __all__ = ["InceptionWeights", "InceptionFeatures", "resolve_inception_weights", "converted_weights",
@@ -156,9 +157,7 @@ def converted_weights(cache_dir: str | Path | None = None, source: Path | None =
     if (got := tensor_content_sha256(state)) != CONVERTED_CONTENT_SHA256:
         raise RuntimeError(f"converted Inception weights hash to {got}, expected {CONVERTED_CONTENT_SHA256}")
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    os.replace(tmp, target)
+    atomic_torch_save(state, target)
     return target
 
 

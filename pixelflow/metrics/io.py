@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from pixelflow.atomic import atomic_save_npz
 
 __all__ = ["EvaluationInputError", "ImageSet", "sha256_file", "load_image_set", "load_npz", "load_png_folder",
            "image_set_from_array", "write_adm_npz", "check_images", "STATS_KEYS"]
@@ -238,7 +239,5 @@ def write_adm_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | Non
             raise EvaluationInputError(f"stats keys {sorted(stats)}; expected exactly {sorted(STATS_KEYS)}")
         arrays.update({k: np.asarray(v, dtype=np.float64) for k, v in stats.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    atomic_save_npz(path, **arrays)
     return path

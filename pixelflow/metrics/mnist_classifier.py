@@ -8,7 +8,6 @@ The cache file holds tensors and plain numbers only (``torch.load(weights_only=T
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pixelflow.atomic import atomic_torch_save, atomic_write_text
 from pixelflow.metrics.inception import default_cache_dir
 from pixelflow.metrics.io import sha256_file
 from pixelflow.metrics.references import mnist_images
@@ -140,9 +140,7 @@ def load_or_train_classifier(cache_dir: str | Path | None = None) -> LoadedClass
     logger.info("training the MNIST evaluation classifier (once; cached in %s)", path.parent)
     model, accuracy, seconds = train_classifier()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"recipe": RECIPE, "state_dict": model.state_dict(), "test_accuracy": accuracy, "train_seconds": seconds}, tmp)
-    digest = sha256_file(tmp)
-    os.replace(tmp, path)
-    path.with_name(path.name + ".sha256").write_text(digest + "\n")
+    atomic_torch_save({"recipe": RECIPE, "state_dict": model.state_dict(), "test_accuracy": accuracy, "train_seconds": seconds}, path)
+    digest = sha256_file(path)
+    atomic_write_text(path.with_name(path.name + ".sha256"), digest + "\n")
     return LoadedClassifier(model, accuracy, seconds, path, digest, True)

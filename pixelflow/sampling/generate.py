@@ -20,7 +20,7 @@ import torch
 from lightning.fabric import Fabric
 from tqdm.auto import tqdm
 
-from pixelflow.atomic import atomic_save_npz
+from pixelflow.atomic import atomic_save_npz, atomic_write_text
 from pixelflow.checkpoint import LoadedModel
 from pixelflow.conditioning import Conditioning
 from pixelflow.images import save_grid, save_pngs
@@ -192,7 +192,7 @@ def generate(loaded: LoadedModel, config: SamplerConfig, out_dir: str | Path, nu
                      "negative_prompt": negative_prompt, "text_encoder": text_encoder or (loaded.text_encoder or {}).get("source")}
     if fabric.is_global_zero:
         path = assemble(out_dir, num_samples, settings)
-        (out_dir / "sampling.json").write_text(json.dumps(settings, indent=2))
+        atomic_write_text(out_dir / "sampling.json", json.dumps(settings, indent=2))
         with np.load(path, allow_pickle=False) as data:
             first = torch.from_numpy(data["arr_0"][: min(num_samples, 100)])
         kinds = len(classes) if classes is not None else len(prompts.prompts)

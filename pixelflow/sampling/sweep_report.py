@@ -18,6 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
+from pixelflow.atomic import atomic_write, atomic_write_text
+
 __all__ = ["SETTINGS", "MEASURES", "result_rows", "write_tables", "metric_figure", "plot_results", "write_report"]
 
 SETTINGS = ("method", "steps", "guidance_scale", "shift", "guidance_interval", "num_samples")
@@ -43,14 +45,14 @@ def write_tables(out_dir: Path, results: list[dict[str, Any]]) -> tuple[Path, Pa
     """``results.csv`` and ``results.md``: one row per cell (guidance_interval empty = guidance everywhere)."""
     metrics, rows = result_rows(results)
     columns = [*SETTINGS, *MEASURES, *metrics]
-    with open(out_dir / "results.csv", "w", newline="") as fh:
+    with atomic_write(out_dir / "results.csv", "w") as fh:
         writer = csv.DictWriter(fh, columns)
         writer.writeheader()
         writer.writerows({c: _text(row[c]) if c in SETTINGS else row[c] for c in columns} for row in rows)
     fmt = lambda v: "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_text(row[c]) if c in SETTINGS else fmt(row[c]) for c in columns) + " |" for row in rows]
-    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out_dir / "results.md", "\n".join(lines) + "\n")
     return out_dir / "results.csv", out_dir / "results.md"
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from pixelflow.atomic import atomic_write_text
 from pixelflow.cascade import CascadeSchedule
 from pixelflow.metrics.evaluation import EvalOptions, evaluate
 from pixelflow.metrics.io import ImageSet, image_set_from_array
@@ -48,9 +48,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _write_records(path: Path, records: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)  # atomic: a kill never leaves half a file
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 class EvaluateSamples(L.Callback):

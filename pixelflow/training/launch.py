@@ -15,9 +15,11 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from omegaconf import DictConfig
 
+from pixelflow.atomic import atomic_write_text
 from pixelflow.checkpoint import CheckpointError, load_pixelflow, model_kwargs
 from pixelflow.text import TextEncoder
 from pixelflow.training.callbacks import SampleGrid
+from pixelflow.training.checkpoint_io import AtomicCheckpointIO
 from pixelflow.training.console import StepProgressBar, silence_lightning_tips
 from pixelflow.training.retention import newest_checkpoint
 from pixelflow.training.sharding import is_fsdp
@@ -77,7 +79,7 @@ def _wandb_id(run_dir: Path) -> str:
     path = run_dir / "wandb_id.txt"
     if not path.is_file():
         run_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(uuid.uuid4().hex[:8])
+        atomic_write_text(path, uuid.uuid4().hex[:8])
     return path.read_text().strip()
 
 
@@ -141,7 +143,8 @@ def build_training(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, L.Lig
     callbacks = [instantiate(c) for c in group_entries(cfg, "callbacks").values()]
     if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks.append(StepProgressBar())
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_loggers(cfg, run_dir) or False)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_loggers(cfg, run_dir) or False,
+                          plugins=[AtomicCheckpointIO()])
     check_global_batch(cfg.get("global_batch_size"), datamodule.batch_size, trainer.accumulate_grad_batches,
                        trainer.world_size)
     return trainer, module, datamodule
