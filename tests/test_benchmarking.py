@@ -73,3 +73,13 @@ def test_sampling_benchmark_compiles_first_and_reports_the_compile_time_apart():
 def test_a_bad_setting_is_refused_before_any_work(settings, message):
     with pytest.raises(ValueError, match=message):
         BenchmarkConfig(**settings)
+
+
+def test_training_benchmark_with_the_gpu_recipes_options():
+    """The GPU check's training call (FLOP counting + activation checkpointing + bf16 autocast), on a tiny model."""
+    result = run_benchmark(BenchmarkConfig(model="Test/2", micro_batch=4, steps=1, sample_batch=0, padding=False,
+                                           precision="bf16-mixed", grad_checkpointing=True))
+    train = result["train"]
+    assert train["images_per_s"] > 0 and train["flops_per_image"] > 0 and train["peak_memory_bytes"] > 0
+    plain = run_benchmark(BenchmarkConfig(model="Test/2", micro_batch=4, steps=1, sample_batch=0, padding=False))
+    assert train["flops_per_image"] > plain["train"]["flops_per_image"]  # checkpointing recomputes each block's forward
