@@ -9,9 +9,12 @@ how they get there:
 
 - Fresh tensors a forward owns are overwritten in place (modulation, residual stream, q/k norms,
   rotation) instead of allocating new ones: without autograd nothing else reads them.
-- Linear + tanh-GELU in one oneDNN kernel (``torch.ops.mkldnn._linear_pointwise``, what inductor's
-  CPU backend emits for the pair): ATen's tanh-GELU is slow on x86 CPUs, and the post-op applies it
-  while each output tile is still in cache. Only without autograd (it has no backward here).
+- Every projection through oneDNN's linear (``torch.ops.mkldnn._linear_pointwise``, what inductor's CPU
+  backend emits), and linear + tanh-GELU as one such kernel: ATen's tanh-GELU is slow on x86 CPUs, the
+  post-op applies it while each output tile is still in cache, and oneDNN's own matmul beats the BLAS
+  that ``F.linear`` calls on some CPUs (AMD's among them). Only without autograd (no backward here).
+- Short self-attention as two matmuls around a softmax: the fused CPU kernel works in blocks sized for long
+  sequences, and at the few dozen tokens of the coarse stages the plain form is the faster one.
 - RMSNorm from one read: ATen's CPU ``rms_norm`` is composite (a squared copy, its mean, two
   products); here one ``vector_norm`` pass gives the sums of squares and one pass scales.
 - LayerNorm with a weight of ones (exact: x * 1): ATen's CPU kernel with a weight is the faster one.
@@ -35,8 +38,10 @@ from pixelflow.packing import Packing
 from pixelflow.precision import as_dtype
 from pixelflow.rope import RopeTables, apply_rope, viewable_as_complex
 
-__all__ = ["applies", "patch_embed", "block", "final_norm", "attention",
-           "layer_norm", "rms_norm", "modulate_", "rotate_", "linear_gelu_tanh"]
+__all__ = ["applies", "patch_embed", "block", "final_norm", "attention", "attend", "SHORT_ATTENTION",
+           "layer_norm", "rms_norm", "modulate_", "rotate_", "linear", "linear_gelu_tanh"]
+
+SHORT_ATTENTION = 64  # tokens up to which :func:`attend` takes the two-matmul form (docs/notes/2026-12-cpu-sampling-speed.md)
 
 
 def applies(x: torch.Tensor) -> bool:
@@ -94,11 +99,18 @@ def rotate_(x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
     return x
 
 
-def linear_gelu_tanh(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """``gelu(linear(x), approximate="tanh")`` in one oneDNN kernel (the two ATen calls where PyTorch lacks it)."""
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``layer(x)`` through oneDNN's linear (``layer`` itself where PyTorch lacks it)."""
     if _LINEAR_POINTWISE is None:
-        return F.gelu(linear(x), approximate="tanh")
-    return _LINEAR_POINTWISE(x, linear.weight, linear.bias, "gelu", [], "tanh")
+        return layer(x)
+    return _LINEAR_POINTWISE(x, layer.weight, layer.bias, "none", [], "")
+
+
+def linear_gelu_tanh(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """``gelu(layer(x), approximate="tanh")`` in one oneDNN kernel (the two ATen calls where PyTorch lacks it)."""
+    if _LINEAR_POINTWISE is None:
+        return F.gelu(layer(x), approximate="tanh")
+    return _LINEAR_POINTWISE(x, layer.weight, layer.bias, "gelu", [], "tanh")
 
 
 def patch_embed(embed: PatchEmbed, x: torch.Tensor) -> torch.Tensor:
@@ -108,17 +120,30 @@ def patch_embed(embed: PatchEmbed, x: torch.Tensor) -> torch.Tensor:
     return F.linear(patches, embed.proj.weight.flatten(1), embed.proj.bias)
 
 
+def attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_bias: torch.Tensor | None,
+           packing: Packing | None, cross: bool) -> torch.Tensor:
+    """:meth:`~pixelflow.layers.Attention.attend`, projected out: self-attention over at most :data:`SHORT_ATTENTION`
+    tokens as ``softmax(q k^T / sqrt(d)) v`` in two matmuls, the rest through the layer's own attention."""
+    if packing is not None or context_bias is not None or cross or q.shape[1] > SHORT_ATTENTION:
+        out = attn.attend(q, k, v, context_bias, packing, cross)
+    else:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+        out = torch.matmul(scores.softmax(dim=-1), v).transpose(1, 2).flatten(2)
+    return linear(out, attn.o_proj)
+
+
 def attention(
     attn: Attention, x: torch.Tensor, rope: RopeTables,
     context: torch.Tensor | None = None, context_bias: torch.Tensor | None = None, packing: Packing | None = None,
 ) -> torch.Tensor:
     """:class:`~pixelflow.layers.Attention`'s forward; the q/k norms and the rotation overwrite the fresh projections."""
     kv = x if context is None else as_dtype(context, x.dtype)
-    q = rotate_(attn.heads(rms_norm(attn.q_proj(x), attn.q_norm.weight, attn.q_norm.eps, in_place=True)), rope)
-    k = attn.heads(rms_norm(attn.k_proj(kv), attn.k_norm.weight, attn.k_norm.eps, in_place=True))
+    q = rotate_(attn.heads(rms_norm(linear(x, attn.q_proj), attn.q_norm.weight, attn.q_norm.eps, in_place=True)), rope)
+    k = attn.heads(rms_norm(linear(kv, attn.k_proj), attn.k_norm.weight, attn.k_norm.eps, in_place=True))
     if context is None:
         k = rotate_(k, rope)
-    return attn.attend(q, k, attn.heads(attn.v_proj(kv)), context_bias, packing, cross=context is not None)
+    return attend(attn, q, k, attn.heads(linear(kv, attn.v_proj)), context_bias, packing, cross=context is not None)
 
 
 def block(
@@ -136,7 +161,7 @@ def block(
     if text is not None:
         x = x + attention(layer.attn2, layer.norm2(x), rope, text, text_bias, packing)
     h = modulate_(rms_norm(x, None, layer.norm3.eps, in_place=False), shift_mlp, factor_mlp)
-    return x.addcmul_(gate_mlp, layer.mlp.fc2(linear_gelu_tanh(h, layer.mlp.fc1)))
+    return x.addcmul_(gate_mlp, linear(linear_gelu_tanh(h, layer.mlp.fc1), layer.mlp.fc2))
 
 
 def final_norm(h: torch.Tensor, shift: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:

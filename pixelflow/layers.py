@@ -138,7 +138,7 @@ class Attention(nn.Module):
         k = self.heads(normed(self.k_proj(kv), self.k_norm))
         if context is None:
             k = apply_rope(k, rope)
-        return self.attend(q, k, self.heads(self.v_proj(kv)), context_bias, packing, cross=context is not None)
+        return self.o_proj(self.attend(q, k, self.heads(self.v_proj(kv)), context_bias, packing, cross=context is not None))
 
     def heads(self, t: torch.Tensor) -> torch.Tensor:
         """(B, S, H * D) projections as (B, S, H, D) heads."""
@@ -146,14 +146,14 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_bias: torch.Tensor | None,
                packing: Packing | None, cross: bool) -> torch.Tensor:
-        """Scaled dot-product attention of (B, S, H, D) heads (within each sample of a ``packing``), projected out."""
+        """Scaled dot-product attention of (B, S, H, D) heads (within each sample of a ``packing``), as (B, S, H * D)."""
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
         bias = None if context_bias is None else context_bias.to(q.dtype)
         if packing is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
             out = packing.attention(q, k, v, bias, cross=cross)
-        return self.o_proj(out.transpose(1, 2).flatten(2))
+        return out.transpose(1, 2).flatten(2)
 
 
 class FeedForward(nn.Module):

@@ -18,7 +18,7 @@ MODELS = ["Test/2", "T2I-Test/2"]
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts calls of the oneDNN linear + GELU kernel."""
+    """The post-op of each call of the oneDNN linear kernel ("none" for a plain projection)."""
     calls = []
     kernel = cpu_inference._LINEAR_POINTWISE
 
@@ -90,7 +90,9 @@ def test_the_kernels_run_where_the_switch_holds_and_nowhere_else(name, kernel_ca
     x, t, kw = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 900.0]), conditions(model, 2)
     with torch.no_grad():
         model(x, t, **kw)
-    assert kernel_calls == ["gelu"] * len(model.transformer_blocks)
+    projections = ["none"] * 4 * (2 if model.cross_attention_dim else 1)  # q, k, v, out of each attention
+    per_block = [*projections, "gelu", "none"]  # then the MLP: linear + GELU, linear
+    assert kernel_calls == per_block * len(model.transformer_blocks)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a CPU inference kernel ran off the switch")
@@ -100,7 +102,7 @@ def test_the_kernels_run_where_the_switch_holds_and_nowhere_else(name, kernel_ca
     model(x, t, **kw).sum().backward()  # autograd: training's forwards and their backward
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert model(x, t, **kw).dtype == torch.bfloat16
-    assert kernel_calls == ["gelu"] * len(model.transformer_blocks)
+    assert kernel_calls == per_block * len(model.transformer_blocks)
 
 
 def test_layer_norm_is_the_parameter_free_one_bit_for_bit():
@@ -158,6 +160,37 @@ def test_linear_gelu_is_the_two_layers(shape, kernel_calls):
         ref = F.gelu(linear(x), approximate="tanh")
     assert kernel_calls == ["gelu"] and out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(3, 16), (4, 9, 16), (2, 5, 32)])
+def test_linear_is_the_layer(shape, bias, kernel_calls):
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 24, bias=bias)
+    x = torch.randn(shape)
+    if shape[-1] == 32:
+        x = x[..., ::2]  # a strided input
+    with torch.no_grad():
+        out, ref = cpu_inference.linear(x, layer), layer(x)
+    assert kernel_calls == ["none"] and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens", [1, cpu_inference.SHORT_ATTENTION, cpu_inference.SHORT_ATTENTION + 1])
+def test_short_attention_is_the_fused_kernels_softmax(tokens, monkeypatch):
+    """Up to SHORT_ATTENTION tokens the two-matmul form, above it the layer's own (fused) attention; the same values."""
+    torch.manual_seed(0)
+    attn = Attention(32, 2, 16)
+    q, k, v = (torch.randn(3, tokens, 2, 16) * 2 for _ in range(3))
+    fused = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", lambda *a, **kw: fused.append(1) or sdpa(*a, **kw))
+    with torch.no_grad():
+        out = cpu_inference.attend(attn, q, k, v, None, None, cross=False)
+        ref = attn.o_proj(attn.attend(q, k, v, None, None, cross=False))
+    assert len(fused) == (1 if tokens <= cpu_inference.SHORT_ATTENTION else 2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("patch", [2, 4])

@@ -21,6 +21,7 @@ from pixelflow.text import TextEncoder
 from pixelflow.training.callbacks import SampleGrid
 from pixelflow.training.checkpoint_io import AtomicCheckpointIO
 from pixelflow.training.console import StepProgressBar, silence_lightning_tips
+from pixelflow.training.preemption import RequeueOnSignal, slurm_environment
 from pixelflow.training.retention import newest_checkpoint
 from pixelflow.training.sharding import is_fsdp
 
@@ -143,8 +144,12 @@ def build_training(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, L.Lig
     callbacks = [instantiate(c) for c in group_entries(cfg, "callbacks").values()]
     if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks.append(StepProgressBar())
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_loggers(cfg, run_dir) or False,
-                          plugins=[AtomicCheckpointIO()])
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    slurm = slurm_environment()
+    if slurm is not None:  # last, after every callback that may act at the same step
+        callbacks.append(RequeueOnSignal(slurm.requeue_signal))
+        plugins.append(slurm)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=_loggers(cfg, run_dir) or False, plugins=plugins)
     check_global_batch(cfg.get("global_batch_size"), datamodule.batch_size, trainer.accumulate_grad_batches,
                        trainer.world_size)
     return trainer, module, datamodule

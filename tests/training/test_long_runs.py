@@ -71,7 +71,8 @@ def test_truncated_last_ckpt_is_reported_and_the_newest_readable_one_used(tmp_pa
 
 
 class Preempt(L.Callback):
-    """At ``step``: send ourselves SLURM's requeue signal (Lightning writes hpc_ckpt_1.ckpt), then die."""
+    """After step ``step``: send ourselves SLURM's requeue signal (hpc_ckpt_1.ckpt is written at that step's end),
+    then die before the next step, as the job is killed after the signal."""
 
     def __init__(self, step: int):
         self.step = step
@@ -79,7 +80,10 @@ class Preempt(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, *args):
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGUSR1)
-            raise SystemError("preempted")  # the job is killed after the signal
+
+    def on_train_batch_start(self, trainer, pl_module, *args):
+        if trainer.global_step == self.step:
+            raise SystemError("preempted")
 
 
 @pytest.fixture(scope="module")

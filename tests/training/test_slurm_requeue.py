@@ -16,6 +16,7 @@ import lightning as L
 import pytest
 import torch
 
+from pixelflow.training.preemption import RequeueOnSignal
 from pixelflow.training.retention import checkpoint_step
 from tests.hydra_utils import tiny_train_overrides
 
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 class Progress(L.Callback):
     """Per rank: each finished step in ``<folder>/rank<r>.steps`` (after a pause that keeps the run going while
     the test signals it), and each checkpoint save in ``<folder>/rank<r>.saves``, marked ``hpc`` when made by
-    Lightning's requeue-signal handler."""
+    the requeue-signal callback."""
 
     def __init__(self, folder: str, pause: float = 0.0):
         self.folder, self.pause = Path(folder), pause
@@ -39,7 +40,7 @@ class Progress(L.Callback):
         self._append(trainer, "steps", str(trainer.global_step))
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
-        by_signal = any(frame.function == "_slurm_sigusr_handler_fn" for frame in inspect.stack())
+        by_signal = any(isinstance(frame.frame.f_locals.get("self"), RequeueOnSignal) for frame in inspect.stack())
         self._append(trainer, "saves", f"{'hpc' if by_signal else 'periodic'} {trainer.global_step}")
 
 
@@ -82,9 +83,10 @@ def _wait(condition, procs: list[subprocess.Popen], what: str, folder: Path, tim
 
 @pytest.mark.slow
 def test_requeue_signal_on_two_ranks_saves_once_keeps_training_and_resumes(tmp_path):
-    """SIGUSR1 to both ranks mid-run: one hpc_ckpt_1.ckpt, each rank's handler saves exactly once, one
-    ``scontrol requeue``, and both ranks go on training (no deadlock); the requeued job (the same two commands)
-    resumes from the signal's checkpoint on both ranks and finishes."""
+    """SIGUSR1 to both ranks mid-run, landing at different points of a step: one hpc_ckpt_1.ckpt, saved by both
+    ranks at the same step and exactly once, one ``scontrol requeue``, and both ranks go on training (no
+    deadlock); the requeued job (the same two commands) resumes from the signal's checkpoint on both ranks and
+    finishes."""
     run_dir, folder, bin_dir = tmp_path / "run", tmp_path / "progress", tmp_path / "bin"
     folder.mkdir()
     bin_dir.mkdir()
@@ -94,8 +96,9 @@ def test_requeue_signal_on_two_ranks_saves_once_keeps_training_and_resumes(tmp_p
     procs = _launch(run_dir, folder, bin_dir, steps, pause=0.05)  # the signal lands anywhere in a step
     try:
         _wait(lambda: all(len(_lines(folder / f"rank{r}.steps")) >= 3 for r in (0, 1)), procs, "3 steps on both ranks", folder)
-        for p in procs:
+        for p in procs:  # apart by a fraction of a step: each rank is somewhere else in its step when it lands
             p.send_signal(signal.SIGUSR1)
+            time.sleep(0.03)
         _wait(lambda: (tmp_path / "scontrol_calls").exists(), procs, "scontrol requeue", folder)
         _wait(lambda: all(len(_lines(folder / f"rank{r}.saves")) == 1 for r in (0, 1)), procs, "the save on both ranks", folder)
         signalled = checkpoint_step(run_dir / "hpc_ckpt_1.ckpt")
