@@ -145,7 +145,7 @@ class EvaluateSamples(L.Callback):
         return {"step": step, "ema_decay": rate, "sampler": asdict(self.config), "precision": precision,
                 "num_samples": self.num_samples, "seed": self.seed, "reference": self.ref_spec}
 
-    def due(self, step: int, precision: str, pl_module: L.LightningModule) -> list[float | None]:
+    def _due(self, step: int, precision: str, pl_module: L.LightningModule) -> list[float | None]:
         """The selected EMA rates whose evaluation at ``step`` in ``precision`` is not in the file yet."""
         done = [{k: r.get(k) for k in self._settings(step, None, precision)} for r in read_metrics(self.metrics_file)]
         return [rate for rate in self._rates(pl_module) if json.loads(json.dumps(self._settings(step, rate, precision))) not in done]
@@ -155,7 +155,7 @@ class EvaluateSamples(L.Callback):
         calls it and samples its share; global rank 0 decides what is due, scores, writes and logs."""
         step, strategy = trainer.global_step, trainer.strategy
         precision = resolve_precision(self.precision, pl_module.device)
-        rates = strategy.broadcast(self.due(step, precision, pl_module) if trainer.is_global_zero else None, src=0)
+        rates = strategy.broadcast(self._due(step, precision, pl_module) if trainer.is_global_zero else None, src=0)
         batch = self.sampling_batch(trainer, pl_module, precision) if rates else 0
         for rate in rates:
             start = time.perf_counter()
@@ -217,20 +217,15 @@ class EvaluateSamples(L.Callback):
     def sample(self, trainer: L.Trainer, model: torch.nn.Module, schedule: CascadeSchedule, batch: int,
                precision: str) -> torch.Tensor | None:
         """uint8 NHWC images of sample indices 0..N-1 on global rank 0, None on the others (every rank calls it): each
-        rank draws its chunks (:func:`~pixelflow.training.eval_shares.rank_chunks`), rank 0 gathers them."""
-        world = trainer.world_size
-        shares = [rank_chunks(self.num_samples, batch, rank, world) for rank in range(world)]
-        mine = shares[trainer.global_rank]
-        if mine:
-            local = self.draw(model, schedule, torch.cat(mine), batch, precision)
+        rank draws its chunks (:func:`~pixelflow.training.eval_shares.rank_chunks`), rank 0 gathers them in place."""
+        world, rank = trainer.world_size, trainer.global_rank
+        shares = (rank_chunks(self.num_samples, batch, r, world) for r in range(world))
+        positions = [torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.long) for chunks in shares]
+        if len(positions[rank]):
+            local = self.draw(model, schedule, positions[rank], batch, precision)
         else:  # fewer chunks than ranks
             local = torch.empty((0, schedule.image_size, schedule.image_size, model.in_channels), dtype=torch.uint8)
-        gathered = gather_to_rank_zero(trainer.strategy, local, [sum(map(len, share)) for share in shares], trainer.global_rank)
-        if gathered is None:
-            return None
-        images = torch.empty_like(gathered)
-        images[torch.cat([chunk for share in shares for chunk in share])] = gathered
-        return images
+        return gather_to_rank_zero(trainer.strategy, local, positions, rank)  # rows in index order
 
     def draw(self, model: torch.nn.Module, schedule: CascadeSchedule, indices: torch.Tensor, batch: int,
              precision: str) -> torch.Tensor:
@@ -247,7 +242,7 @@ class EvaluateSamples(L.Callback):
         """Metrics of ``images`` (uint8 NHWC, sample indices 0..N-1) against ``ref``: metrics, reasons, the images'
         SHA-256 and seconds."""
         start = time.perf_counter()
-        digest = hashlib.sha256(images.tobytes()).hexdigest()
+        digest = hashlib.sha256(np.ascontiguousarray(images)).hexdigest()  # of the buffer itself: no copy of the images
         samples = image_set_from_array(images, "samples drawn during training", digest, labels)
         result = evaluate(samples, self._ref or resolve_reference(self.ref_spec), self.options)
         return {"metrics": result["metrics"], "unavailable": result["unavailable"], "samples_sha256": digest,

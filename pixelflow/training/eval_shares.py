@@ -43,27 +43,34 @@ def rank_chunks(num_samples: int, batch: int, rank: int, world_size: int) -> lis
     return list(torch.arange(num_samples).split(batch))[rank::world_size]
 
 
-def gather_to_rank_zero(strategy: Strategy, local: torch.Tensor, counts: list[int], rank: int) -> torch.Tensor | None:
-    """The rows of every rank's ``local``, rank after rank, on global rank 0; None on the others (a collective:
-    every rank calls it with its global ``rank``). Rank r holds ``counts[r]`` rows, all of one row shape and dtype. The rows travel in
-    pieces of at most :data:`GATHER_BYTES` over all ranks, through the strategy's device (NCCL gathers device
-    tensors), so the memory a gather takes stays bounded however many images there are."""
-    world = len(counts)
+def gather_to_rank_zero(strategy: Strategy, local: torch.Tensor, positions: list[torch.Tensor],
+                        rank: int) -> torch.Tensor | None:
+    """One tensor on global rank 0 whose row ``positions[r][i]`` is row i of rank r's ``local``; None on the other
+    ranks (a collective: every rank calls it with its global ``rank``). The positions cover 0..total-1 once; all
+    rows share one shape and dtype. Rows travel in pieces of at most :data:`GATHER_BYTES` over all ranks, through
+    the strategy's device (NCCL gathers device tensors), and land in place: rank 0 holds the result and one piece,
+    however many rows there are."""
+    counts = [len(p) for p in positions]
     if len(local) != counts[rank]:
-        raise ValueError(f"rank {rank} holds {len(local)} rows but the counts say {counts[rank]}")
-    if world == 1:
+        raise ValueError(f"rank {rank} holds {len(local)} rows but its positions name {counts[rank]}")
+    world, total, row = len(counts), sum(counts), local.shape[1:]
+    if world == 1 and torch.equal(positions[0], torch.arange(total)):
         return local
+    out = local.new_empty((total, *row)) if strategy.is_global_zero else None
+    if world == 1:  # nothing to gather (and a single-device strategy's all_gather adds no rank dimension)
+        out[positions[0]] = local
+        return out
     most = max(counts)
-    padded = local.new_zeros((most, *local.shape[1:]))
-    padded[:len(local)] = local
-    row_bytes = max(1, math.prod(local.shape[1:]) * local.element_size())
-    rows = max(1, GATHER_BYTES // (world * row_bytes))
-    pieces = []
-    for start in range(0, most, rows):
-        piece = strategy.all_gather(padded[start:start + rows].to(strategy.root_device))  # (world, rows, ...)
-        if strategy.is_global_zero:
-            pieces.append(piece.cpu())
-    if not strategy.is_global_zero:
-        return None
-    gathered = torch.cat(pieces, dim=1)
-    return torch.cat([gathered[rank, :count] for rank, count in enumerate(counts)])
+    step = min(most, max(1, GATHER_BYTES // (world * max(1, math.prod(row) * local.element_size()))))
+    for start in range(0, most, step):
+        mine = local[start:start + step]
+        padded = local.new_zeros((step, *row))  # every rank sends the same shape
+        padded[:len(mine)] = mine
+        piece = strategy.all_gather(padded.to(strategy.root_device))  # (world, step, *row)
+        if out is None:
+            continue
+        piece = piece.cpu()
+        for source, where in enumerate(positions):
+            rows = where[start:start + step]
+            out[rows] = piece[source, :len(rows)]
+    return out

@@ -56,28 +56,30 @@ class GlooStrategy:
 
 
 def _gather(rank: int, init_file: str, out_dir: str, gather_bytes: int) -> None:
-    eval_shares.GATHER_BYTES = gather_bytes  # pieces of a few rows: several gather calls
+    eval_shares.GATHER_BYTES = gather_bytes  # small: the rows travel in several pieces
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        counts = [5, 3]
-        local = torch.arange(counts[rank] * 6, dtype=torch.uint8).reshape(counts[rank], 2, 3) + 100 * rank
-        gathered = gather_to_rank_zero(GlooStrategy(rank), local, counts, rank)
+        positions = [torch.tensor([0, 1, 2, 5, 6]), torch.tensor([3, 4, 7])]
+        local = (positions[rank].to(torch.uint8) * 10).reshape(-1, 1, 1).expand(-1, 2, 3).contiguous()  # row i holds 10 i
+        gathered = gather_to_rank_zero(GlooStrategy(rank), local, positions, rank)
         torch.save(gathered, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("gather_bytes", [2 * 6, 2**20])
-def test_two_ranks_rows_arrive_on_rank_zero_in_rank_order(tmp_path, gather_bytes):
+@pytest.mark.parametrize("gather_bytes", [2 * 6, 2**20])  # one row of each rank a call; all in one call
+def test_two_ranks_rows_land_at_their_positions_on_rank_zero(tmp_path, gather_bytes):
     mp.spawn(_gather, args=(str(tmp_path / "init"), str(tmp_path), gather_bytes), nprocs=2, join=True)
-    want = torch.cat([torch.arange(30, dtype=torch.uint8).reshape(5, 2, 3), torch.arange(18, dtype=torch.uint8).reshape(3, 2, 3) + 100])
+    want = (torch.arange(8, dtype=torch.uint8) * 10).reshape(-1, 1, 1).expand(-1, 2, 3)
     assert torch.equal(torch.load(tmp_path / "rank0.pt"), want)
     assert torch.load(tmp_path / "rank1.pt") is None
 
 
 def test_one_rank_keeps_its_rows_and_a_wrong_count_is_refused():
-    local = torch.zeros(4, 2, 2, 3, dtype=torch.uint8)
-    assert gather_to_rank_zero(GlooStrategy(0), local, [4], 0) is local
-    with pytest.raises(ValueError, match="rank 0 holds 4 rows but the counts say 3"):
-        gather_to_rank_zero(GlooStrategy(0), local, [3], 0)
+    local = torch.arange(4, dtype=torch.uint8).reshape(4, 1, 1, 1)
+    assert gather_to_rank_zero(GlooStrategy(0), local, [torch.arange(4)], 0) is local
+    reordered = gather_to_rank_zero(GlooStrategy(0), local, [torch.tensor([3, 2, 1, 0])], 0)
+    assert reordered.flatten().tolist() == [3, 2, 1, 0]
+    with pytest.raises(ValueError, match="rank 0 holds 4 rows but its positions name 3"):
+        gather_to_rank_zero(GlooStrategy(0), local, [torch.arange(3)], 0)
