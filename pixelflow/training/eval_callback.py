@@ -194,9 +194,10 @@ class EvaluateSamples(L.Callback):
         if self.batch_size == "auto":
             fit = CPU_BATCH_SIZE if usable is None else max_fitting_batch(model, image_size, method, precision, usable, **estimate)
             if not fit:
+                fix = "precision=bf16, " if precision == "fp32" else ""
                 problem = (f"callbacks.evaluate.batch_size=auto: not even one image at {image_size} px ({method}, {precision}) "
-                           f"fits the {usable / GIB:.1f} GiB left ({where}); use precision=bf16, free memory or drop the "
-                           "callback (callbacks/evaluate=null) and evaluate the export")
+                           f"fits the {usable / GIB:.1f} GiB left ({where}); use {fix}a device with more memory, or drop "
+                           "the callback (callbacks/evaluate=null) and evaluate the export with sample.py and evaluate.py")
         elif usable is not None:
             try:
                 check_sampling_fits(model, image_size, min(fit, self.num_samples), method, precision, usable, **estimate)

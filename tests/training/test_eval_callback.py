@@ -173,6 +173,13 @@ def test_an_integer_batch_is_checked_against_the_free_memory_and_refused_with_th
         assert needle in message, message
 
 
+def test_auto_refuses_a_device_where_not_one_image_fits(monkeypatch):
+    callback = EvaluateSamples("unused.jsonl", "mnist_test", sampler=QUICKSTART)
+    refusal = r"batch_size=auto: not even one image at 32 px \(euler, bf16\) fits the 0.4 GiB left \(90% of the 0.4 GiB free"
+    with pytest.raises(ValueError, match=refusal):
+        _choose(callback, monkeypatch, 0.4 * GIB)  # below the CUDA context the estimate counts
+
+
 def test_on_cpu_auto_is_the_default_batch_and_an_integer_is_unchecked(monkeypatch):
     auto = EvaluateSamples("unused.jsonl", "mnist_test", num_samples=500, sampler=QUICKSTART)
     assert _choose(auto, monkeypatch, None, "cpu") == CPU_BATCH_SIZE == 100
