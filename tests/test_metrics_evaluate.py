@@ -16,7 +16,7 @@ from PIL import Image
 from pixelflow.data.mnist import default_mnist_path
 from pixelflow.metrics import evaluation
 from pixelflow.metrics import fid as M
-from pixelflow.metrics.evaluation import EvalOptions, _extract, evaluate, evaluate_config
+from pixelflow.metrics.evaluation import EvalOptions, _extract, evaluate, evaluate_config, feature_cache_key, inception_cache_parts
 from pixelflow.metrics.inception import InceptionFeatures, resolve_inception_weights
 from pixelflow.metrics.io import EvaluationInputError, image_set_from_array, load_image_set, write_adm_npz
 from pixelflow.metrics.mnist_classifier import RECIPE
@@ -65,6 +65,9 @@ def test_cli_mnist_samples_against_named_reference(tmp_path):
     assert protocol["sampler_settings"] == settings
     extractor = protocol["feature_extractor"]
     assert extractor["weights_sha256"] == _sha256(extractor["weights_path"]) and not extractor["has_logits"]
+    assert extractor["precision"].startswith("fp32 (strict")
+    parts = inception_cache_parts(_sha256(default_mnist_path()), 12, extractor["weights_sha256"], extractor["device"])
+    assert (cache / "features" / f"{feature_cache_key(parts)}.npz").is_file()  # the reference's features, keyed so
     assert protocol["classifier"]["weights_sha256"] == _sha256(cache / f"{RECIPE}.pt")
 
 
@@ -109,6 +112,17 @@ def test_bad_options_give_clear_errors(tmp_path, values, message):
     values = {k: str(tmp_path / "samples.npz") if v == "SAMPLES" else v for k, v in values.items()}
     with pytest.raises(EvaluationInputError, match=message):
         evaluate_config(_cfg(cache_dir=str(tmp_path / "cache"), **values))
+
+
+def test_reference_feature_key_names_the_device_type_and_the_precision(monkeypatch):
+    """Features computed on a CPU are never served to a CUDA evaluation (nor the other way): their rounding differs."""
+    key = lambda device: feature_cache_key(inception_cache_parts("ref-sha", 500, "weights-sha", device))  # noqa: E731
+    assert key("cpu") != key("cuda")
+    assert key("cuda:0") == key("cuda:1") == key(torch.device("cuda", 2)) == key("cuda")  # the same arithmetic
+    assert key("cpu") != feature_cache_key(inception_cache_parts("ref-sha", 499, "weights-sha", "cpu"))
+    cpu_fp32 = key("cpu")
+    monkeypatch.setattr(evaluation, "PRECISION", "tf32")
+    assert key("cpu") != cpu_fp32
 
 
 def test_cli_error_exit_code_and_message(tmp_path):

@@ -76,6 +76,28 @@ def test_converted_weights_reproduce_torchscript_features(net):
     np.testing.assert_allclose(ours["spatial"], spatial, rtol=0, atol=1e-4)
 
 
+def test_features_are_computed_in_strict_fp32_whatever_the_process_set(net):
+    """A training run sets TF32 on (and may be inside autocast): the forward still runs in IEEE fp32, and the
+    process's settings are back afterwards."""
+    seen = []
+    hook = net.net.register_forward_pre_hook(lambda module, inputs: seen.append(
+        (torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32, torch.is_autocast_enabled("cpu"))))
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            feats = net(np.zeros((2, 32, 32, 3), dtype=np.uint8))
+            assert torch.is_autocast_enabled("cpu")
+        assert seen == [("highest", False, False)]
+        assert feats["pool"].dtype == np.float32 and feats["pool"].shape == (2, 2048)
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+    finally:
+        hook.remove()
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
+
+
 def test_conversion_is_cached_verified_and_rebuilt(cache, tmp_path):
     path = converted_weights(cache)
     state = torch.load(path, weights_only=True)

@@ -3,6 +3,8 @@ robustness)."""
 
 import io
 import json
+import multiprocessing
+import os
 import subprocess
 import sys
 from collections import Counter
@@ -13,6 +15,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from pixelflow.atomic import PARTIAL_SUFFIX
 from pixelflow.data import shard_writer
 from pixelflow.data.imagenet import random_transform
 from pixelflow.data.robust import SkipLedger
@@ -47,7 +50,7 @@ def test_index_counts_every_readable_image_and_lists_the_corrupt_ones(shards):
     assert sorted(s["path"] for s in index["skipped"]) == sorted(CORRUPT)
     assert index["class_names"][1] == "goldfish, Carassius auratus"
     assert json.loads((out / "index.json").read_text()) == index
-    assert not list(out.glob("*.tmp"))
+    assert not [p for p in out.iterdir() if p.name.endswith(PARTIAL_SUFFIX)]
 
 
 def test_shards_read_back_exactly_with_labels_of_their_source_folder(shards):
@@ -90,30 +93,38 @@ def test_resampled_streams_differ_per_rank_and_are_reproducible(shards):
     assert first(0, 0) != first(0, 1)
 
 
-def test_resume_keeps_finished_shards_and_rewrites_the_partial_one(shards, tmp_path, monkeypatch):
-    src, _, reference = shards
-    out = tmp_path / "out"
-    calls = {"n": 0}
-    real_encode = shard_writer.encode_file
+def _die_in_the_second_shard(src: Path, out: Path) -> None:
+    """A writer that dies without any cleanup, as under SIGKILL, in the middle of the second shard."""
+    real_encode, calls = shard_writer.encode_file, {"n": 0}
 
-    def interrupted(job):
+    def dying(job):
         calls["n"] += 1
-        if calls["n"] == 6:  # in the middle of the second shard
-            raise KeyboardInterrupt
+        if calls["n"] == 6:
+            os._exit(3)
         return real_encode(job)
 
-    monkeypatch.setattr(shard_writer, "encode_file", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        write(src, out)
-    assert sorted(p.name for p in out.iterdir()) == ["make_shards.json", "shard-000000.json", "shard-000000.tar",
-                                                     "shard-000001.tar.tmp"]
+    shard_writer.encode_file = dying
+    write(src, out)
+
+
+def test_resume_keeps_finished_shards_and_rewrites_the_partial_one(shards, tmp_path):
+    src, _, reference = shards
+    out = tmp_path / "out"
+    killed = multiprocessing.get_context("fork").Process(target=_die_in_the_second_shard, args=(src, out))
+    killed.start()
+    killed.join()
+    assert killed.exitcode == 3
+    partial = [p.name for p in out.iterdir() if p.name.endswith(PARTIAL_SUFFIX)]
+    assert len(partial) == 1 and partial[0].startswith(".shard-000001.tar.")  # the dead writer's unfinished shard
+    assert sorted(p.name for p in out.iterdir()) == sorted(["make_shards.json", "shard-000000.json", "shard-000000.tar",
+                                                           *partial])
+    assert [p.name for p in out.glob("*.tar")] == ["shard-000000.tar"]  # a reader's pattern does not match it
     with pytest.raises(FileExistsError, match="other settings"):
         write(src, out, format="png")
     first_mtime = (out / "shard-000000.tar").stat().st_mtime_ns
-    monkeypatch.setattr(shard_writer, "encode_file", real_encode)
     index = write(src, out)
     assert (out / "shard-000000.tar").stat().st_mtime_ns == first_mtime
-    assert not list(out.glob("*.tmp"))
+    assert [p.name for p in out.iterdir() if p.name.endswith(PARTIAL_SUFFIX)] == partial  # never read, never renamed
     strip = lambda i: {k: v for k, v in i.items() if k != "source"}  # noqa: E731
     assert strip(index) == strip(reference)
     for shard in reference["shards"]:  # same samples, same bytes (tar headers carry mtimes, so compare members)

@@ -2,7 +2,8 @@
 
 Files are read in a fixed seeded permutation (shards mix classes), so shard i always holds the
 same samples: an interrupted run restarts where it stopped (finished shards are kept, a partial
-shard is rewritten; every file is written under a temporary name and renamed when complete).
+shard is rewritten). Every file goes through :mod:`pixelflow.atomic`: written under a hidden ``.partial`` name
+that no reader's ``*.tar`` / ``*.json`` pattern matches, and renamed when complete.
 Each image gets the deterministic part of the augmentation (``crop="random"``: short side to
 9/8 of the size, Lanczos; ``crop="adm"``: ADM centre crop) and is stored as JPEG or PNG bytes;
 random crops and flips happen at training time. Unreadable files are reported and counted in
@@ -17,7 +18,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import random
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -29,7 +29,7 @@ import webdataset as wds
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from tqdm import tqdm
 
-from pixelflow.atomic import atomic_write_text
+from pixelflow.atomic import atomic_write, atomic_write_text
 from pixelflow.data.caption_folder import caption_pairs, read_caption
 from pixelflow.data.imagenet import CROPS, default_resize, deterministic_transform, imagenet_class_names
 from pixelflow.data.robust import UNREADABLE_ERRORS, open_rgb
@@ -81,10 +81,9 @@ def encode_file(job: tuple[str, int, str, dict, bool]) -> tuple[str, int | str, 
 
 
 def _write_shard(tar_path: Path, results: Iterator, first_key: int, fmt: str, src: Path, progress: tqdm) -> dict:
-    """Write one shard under a temporary name, then its stats, then rename; return the stats."""
-    tmp = tar_path.with_name(tar_path.name + ".tmp")
+    """Write one shard atomically, then its stats (a shard counts as finished when both exist); return the stats."""
     count, skipped = 0, []
-    with wds.TarWriter(str(tmp)) as sink:
+    with atomic_write(tar_path, "wb") as stream, wds.TarWriter(stream) as sink:
         for offset, (path, label, data, error) in enumerate(results):
             progress.update(1)
             if data is None:
@@ -97,7 +96,6 @@ def _write_shard(tar_path: Path, results: Iterator, first_key: int, fmt: str, sr
             count += 1
     stats = {"path": tar_path.name, "count": count, "skipped": skipped}
     _atomic_write_json(tar_path.with_suffix(".json"), stats)
-    os.replace(tmp, tar_path)
     return stats
 
 

