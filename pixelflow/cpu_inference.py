@@ -13,8 +13,6 @@ how they get there:
   backend emits), and linear + tanh-GELU as one such kernel: ATen's tanh-GELU is slow on x86 CPUs, the
   post-op applies it while each output tile is still in cache, and oneDNN's own matmul beats the BLAS
   that ``F.linear`` calls on some CPUs (AMD's among them). Only without autograd (no backward here).
-- Short self-attention as two matmuls around a softmax: the fused CPU kernel works in blocks sized for long
-  sequences, and at the few dozen tokens of the coarse stages the plain form is the faster one.
 - RMSNorm from one read: ATen's CPU ``rms_norm`` is composite (a squared copy, its mean, two
   products); here one ``vector_norm`` pass gives the sums of squares and one pass scales.
 - LayerNorm with a weight of ones (exact: x * 1): ATen's CPU kernel with a weight is the faster one.
@@ -38,10 +36,8 @@ from pixelflow.packing import Packing
 from pixelflow.precision import as_dtype
 from pixelflow.rope import RopeTables, apply_rope, viewable_as_complex
 
-__all__ = ["applies", "patch_embed", "block", "final_norm", "attention", "attend", "SHORT_ATTENTION",
+__all__ = ["applies", "patch_embed", "block", "final_norm", "attention",
            "layer_norm", "rms_norm", "modulate_", "rotate_", "linear", "linear_gelu_tanh"]
-
-SHORT_ATTENTION = 64  # tokens up to which :func:`attend` takes the two-matmul form (docs/notes/2026-12-cpu-sampling-speed.md)
 
 
 def applies(x: torch.Tensor) -> bool:
@@ -120,19 +116,6 @@ def patch_embed(embed: PatchEmbed, x: torch.Tensor) -> torch.Tensor:
     return F.linear(patches, embed.proj.weight.flatten(1), embed.proj.bias)
 
 
-def attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_bias: torch.Tensor | None,
-           packing: Packing | None, cross: bool) -> torch.Tensor:
-    """:meth:`~pixelflow.layers.Attention.attend`, projected out: self-attention over at most :data:`SHORT_ATTENTION`
-    tokens as ``softmax(q k^T / sqrt(d)) v`` in two matmuls, the rest through the layer's own attention."""
-    if packing is not None or context_bias is not None or cross or q.shape[1] > SHORT_ATTENTION:
-        out = attn.attend(q, k, v, context_bias, packing, cross)
-    else:
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
-        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
-        out = torch.matmul(scores.softmax(dim=-1), v).transpose(1, 2).flatten(2)
-    return linear(out, attn.o_proj)
-
-
 def attention(
     attn: Attention, x: torch.Tensor, rope: RopeTables,
     context: torch.Tensor | None = None, context_bias: torch.Tensor | None = None, packing: Packing | None = None,
@@ -143,7 +126,8 @@ def attention(
     k = attn.heads(rms_norm(linear(kv, attn.k_proj), attn.k_norm.weight, attn.k_norm.eps, in_place=True))
     if context is None:
         k = rotate_(k, rope)
-    return attend(attn, q, k, attn.heads(linear(kv, attn.v_proj)), context_bias, packing, cross=context is not None)
+    out = attn.attend(q, k, attn.heads(linear(kv, attn.v_proj)), context_bias, packing, cross=context is not None)
+    return linear(out, attn.o_proj)
 
 
 def block(

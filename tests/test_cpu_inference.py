@@ -177,22 +177,6 @@ def test_linear_is_the_layer(shape, bias, kernel_calls):
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("tokens", [1, cpu_inference.SHORT_ATTENTION, cpu_inference.SHORT_ATTENTION + 1])
-def test_short_attention_is_the_fused_kernels_softmax(tokens, monkeypatch):
-    """Up to SHORT_ATTENTION tokens the two-matmul form, above it the layer's own (fused) attention; the same values."""
-    torch.manual_seed(0)
-    attn = Attention(32, 2, 16)
-    q, k, v = (torch.randn(3, tokens, 2, 16) * 2 for _ in range(3))
-    fused = []
-    sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", lambda *a, **kw: fused.append(1) or sdpa(*a, **kw))
-    with torch.no_grad():
-        out = cpu_inference.attend(attn, q, k, v, None, None, cross=False)
-        ref = attn.o_proj(attn.attend(q, k, v, None, None, cross=False))
-    assert len(fused) == (1 if tokens <= cpu_inference.SHORT_ATTENTION else 2)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-
-
 @pytest.mark.parametrize("patch", [2, 4])
 def test_patch_matmul_is_the_convolution(patch):
     torch.manual_seed(0)
