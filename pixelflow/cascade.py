@@ -39,6 +39,13 @@ class TrainingPair:
     target: torch.Tensor  # (B, C, s, s) velocity x_end - x_start
     timestep: torch.Tensor  # (B,) float32 global T
     stage: int
+    x_start: torch.Tensor  # (B, C, s, s) the stage's start point (t = 0)
+    x_end: torch.Tensor  # (B, C, s, s) the stage's end point (t = 1)
+    t: torch.Tensor  # (B,) stage-local time of x_t, in the images' dtype
+
+    def truth(self, prediction: str) -> torch.Tensor:
+        """The exact value of what a ``prediction`` network outputs here (:mod:`pixelflow.prediction`)."""
+        return {"v": self.target, "x": self.x_end, "eps": self.x_start}[prediction]
 
 
 @dataclass(frozen=True)
@@ -136,7 +143,8 @@ class CascadeSchedule:
         tau = (t_index.double() / self.num_train_timesteps).to(images.dtype).view(-1, 1, 1, 1)
         x_t = tau * x_end + (1 - tau) * x_start
         timestep = self.timestep_tables[k].to(images.device)[t_index.long()].float()
-        return TrainingPair(x_t=x_t, target=x_end - x_start, timestep=timestep, stage=k)
+        return TrainingPair(x_t=x_t, target=x_end - x_start, timestep=timestep, stage=k, x_start=x_start, x_end=x_end,
+                            t=tau.view(-1))
 
     def balanced_stages(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """One stage per sample, every stage equally often (the remainder's stages rotate randomly)."""

@@ -30,7 +30,7 @@ __all__ = ["LoadedModel", "CheckpointError", "load_pixelflow", "export_released_
            "ema_export_path"]
 
 _MODEL_KEYS = ("num_attention_heads", "attention_head_dim", "depth", "num_classes", "patch_size",
-               "in_channels", "out_channels", "attention_bias", "cross_attention_dim")
+               "in_channels", "out_channels", "attention_bias", "cross_attention_dim", "prediction", "patch_bottleneck")
 RELEASED_URL = "https://huggingface.co/ShoufaChen/PixelFlow-Class2Image"
 HUB_PREFIX = "hf://"
 RELEASED_HUB = "hf://ShoufaChen/PixelFlow-Class2Image"
@@ -49,16 +49,21 @@ class LoadedModel:
     class_names: list[str] | None
     source: str
     text_encoder: dict[str, Any] | None = None  # T2I: config.yaml's text_encoder (source, max_length), else None
+    objective: dict[str, Any] | None = None  # the training objective as recorded (None: not recorded, e.g. released)
 
 
 def model_kwargs(model: PixelFlowTransformer) -> dict[str, Any]:
-    """Constructor arguments that rebuild ``model`` (released ``config.yaml`` names)."""
-    return dict(
+    """Constructor arguments that rebuild ``model`` (released ``config.yaml`` names); the options the released
+    model does not have (text, prediction target, patch bottleneck) only where they differ from its defaults."""
+    base = dict(
         num_attention_heads=model.hidden_size // model.head_dim, attention_head_dim=model.head_dim,
         depth=len(model.transformer_blocks), num_classes=model.num_classes, patch_size=model.patch_size,
         in_channels=model.in_channels, out_channels=model.out_channels,
         attention_bias=model.transformer_blocks[0].attn1.q_proj.bias is not None if model.transformer_blocks else True,
-    ) | ({"cross_attention_dim": model.cross_attention_dim} if model.cross_attention_dim else {})
+    )
+    extras = {"cross_attention_dim": model.cross_attention_dim, "prediction": None if model.prediction == "v" else model.prediction,
+              "patch_bottleneck": model.patch_bottleneck}
+    return base | {k: v for k, v in extras.items() if v is not None}
 
 
 def _require_file(path: Path) -> None:
@@ -164,7 +169,8 @@ def _load_released(path: Path, config_path: Path | None) -> LoadedModel:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} is not a flat state_dict of tensors")
     names = cfg.get("class_names")
-    return LoadedModel(_build_and_load(state, kwargs, path), schedule, names, str(path), cfg.get("text_encoder"))
+    return LoadedModel(_build_and_load(state, kwargs, path), schedule, names, str(path), cfg.get("text_encoder"),
+                       cfg.get("objective"))
 
 
 def _ema_prefix(meta: dict[str, Any], path: Path, ema: float | None) -> str:
@@ -191,7 +197,7 @@ def _load_project(path: Path, ema: float | None = None) -> LoadedModel:
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     schedule = CascadeSchedule(**meta["schedule"])
     return LoadedModel(_build_and_load(state, meta["model"], path), schedule, meta.get("class_names"), str(path),
-                       meta.get("text_encoder"))
+                       meta.get("text_encoder"), meta.get("objective"))
 
 
 def ema_export_name(decay: float) -> str:
@@ -233,11 +239,12 @@ def load_pixelflow(path: str | Path, config: str | Path | None = None, allow_dow
 
 def export_released_format(model: PixelFlowTransformer, schedule: CascadeSchedule, out_dir: str | Path,
                            class_names: list[str] | None = None, filename: str = "model.pt",
-                           ema_decays: list[float] | None = None, text_encoder: dict[str, Any] | None = None) -> Path:
+                           ema_decays: list[float] | None = None, text_encoder: dict[str, Any] | None = None,
+                           objective: dict[str, Any] | None = None) -> Path:
     """Write ``filename`` and the same flat fp32 state_dict as ``<stem>.safetensors`` beside it, and ``config.yaml``,
-    in the released layout (plus the run's ``ema_decays``, the first of which is ``model.pt``, and a T2I model's
+    in the released layout (plus the run's ``ema_decays``, the first of which is ``model.pt``, a T2I model's
     ``text_encoder``: its ``source`` (a folder, relative to ``out_dir`` or absolute, or a Hugging Face name) and
-    ``max_length``)."""
+    ``max_length``, and the training ``objective`` as recorded; what the network predicts is in ``model.params``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -252,5 +259,7 @@ def export_released_format(model: PixelFlowTransformer, schedule: CascadeSchedul
         cfg["ema_decays"] = [float(d) for d in ema_decays]
     if text_encoder:
         cfg["text_encoder"] = dict(text_encoder)
+    if objective:
+        cfg["objective"] = dict(objective)
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
     return out / filename

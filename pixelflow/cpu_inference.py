@@ -112,7 +112,10 @@ def linear_gelu_tanh(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
 def patch_embed(embed: PatchEmbed, x: torch.Tensor) -> torch.Tensor:
     """:class:`~pixelflow.layers.PatchEmbed`'s convolution as one matmul over the gathered patches."""
     # pixel_unshuffle orders a patch's values (channel, row, column), as the flattened kernel is
-    patches = F.pixel_unshuffle(x, embed.proj.kernel_size[0]).flatten(2).transpose(1, 2)
+    first = embed.proj if embed.reduce is None else embed.reduce
+    patches = F.pixel_unshuffle(x, first.kernel_size[0]).flatten(2).transpose(1, 2)
+    if embed.reduce is not None:
+        patches = F.linear(patches, embed.reduce.weight.flatten(1))
     return F.linear(patches, embed.proj.weight.flatten(1), embed.proj.bias)
 
 

@@ -97,13 +97,24 @@ class ClassEmbedder(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patch projection; tokens in row-major order."""
+    """Non-overlapping patch projection; tokens in row-major order.
 
-    def __init__(self, patch_size: int, in_channels: int, hidden: int):
+    ``bottleneck`` r (JiT's low-rank patch embedding): patch -> r values (``reduce``, no bias) -> hidden
+    (``proj``, a 1 x 1 convolution), a rank-r linear map; None is the published full-rank ``proj``.
+    """
+
+    def __init__(self, patch_size: int, in_channels: int, hidden: int, bottleneck: int | None = None):
         super().__init__()
-        self.proj = nn.Conv2d(in_channels, hidden, kernel_size=patch_size, stride=patch_size)
+        if bottleneck is None:
+            self.reduce = None
+            self.proj = nn.Conv2d(in_channels, hidden, kernel_size=patch_size, stride=patch_size)
+        else:
+            self.reduce = nn.Conv2d(in_channels, bottleneck, kernel_size=patch_size, stride=patch_size, bias=False)
+            self.proj = nn.Conv2d(bottleneck, hidden, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reduce is not None:
+            x = self.reduce(x)
         return self.proj(x).flatten(2).transpose(1, 2)
 
 

@@ -26,6 +26,7 @@ from pixelflow import cpu_inference
 from pixelflow.layers import ClassEmbedder, PatchEmbed, ScalarEmbedder, TransformerBlock, fp32_region, layer_norm, modulate
 from pixelflow.packing import Packing, per_token
 from pixelflow.precision import as_dtype
+from pixelflow.prediction import check_prediction
 from pixelflow.rope import RopeTables, rope_pairs
 
 __all__ = ["PixelFlowTransformer", "Modulation", "PIXELFLOW_CONFIGS", "build_model"]
@@ -59,8 +60,10 @@ class PixelFlowTransformer(nn.Module):
     null). Text-to-image (``num_classes=0, cross_attention_dim=D_text``):
     ``forward(x, timestep, text_states=E, text_mask=M)`` with E (B, L, D_text) and a 0/1 mask
     M (B, L). Maps a stage image ``x`` (B, C, s, s) in [-1, 1] and a global timestep T in
-    [0, 999] (scalar or (B,)) to the velocity (B, C, s, s). The stage is told to the network by
-    r = s / patch_size.
+    [0, 999] (scalar or (B,)) to its ``prediction`` (B, C, s, s): the velocity ``v`` (published), the stage's
+    end point ``x`` or its start point ``eps`` (:mod:`pixelflow.prediction`; samplers convert it to the velocity
+    they integrate). The stage is told to the network by r = s / patch_size. ``patch_bottleneck``: a
+    low-rank patch embedding (:class:`~pixelflow.layers.PatchEmbed`); None keeps the released layout.
     """
 
     def __init__(
@@ -76,6 +79,8 @@ class PixelFlowTransformer(nn.Module):
         rope_theta: float = 10000.0,
         gradient_checkpointing: bool = False,
         cross_attention_dim: int | None = None,
+        prediction: str = "v",
+        patch_bottleneck: int | None = None,
     ):
         super().__init__()
         if attention_head_dim % 4:
@@ -90,8 +95,12 @@ class PixelFlowTransformer(nn.Module):
         self.in_channels, self.out_channels = in_channels, out_channels
         self.rope_theta = rope_theta
         self.gradient_checkpointing = gradient_checkpointing
+        self.prediction = check_prediction(prediction)
+        if patch_bottleneck is not None and not 1 <= patch_bottleneck < hidden:
+            raise ValueError(f"patch_bottleneck must be null or a rank in [1, hidden size {hidden}), got {patch_bottleneck}")
+        self.patch_bottleneck = patch_bottleneck
 
-        self.patch_embed = PatchEmbed(patch_size, in_channels, hidden)
+        self.patch_embed = PatchEmbed(patch_size, in_channels, hidden, patch_bottleneck)
         self.timestep_embedder = ScalarEmbedder(hidden)
         self.latent_size_embedder = ScalarEmbedder(hidden)
         if num_classes:
@@ -119,9 +128,10 @@ class PixelFlowTransformer(nn.Module):
                 nn.init.xavier_uniform_(module.weight)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
-        proj = self.patch_embed.proj
-        nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
-        nn.init.zeros_(proj.bias)
+        for conv in (self.patch_embed.reduce, self.patch_embed.proj):
+            if conv is not None:
+                nn.init.xavier_uniform_(conv.weight.view(conv.weight.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
         for embedder in (self.timestep_embedder, self.latent_size_embedder):
             nn.init.normal_(embedder.linear_1.weight, std=0.02)
             nn.init.normal_(embedder.linear_2.weight, std=0.02)
@@ -201,17 +211,21 @@ class PixelFlowTransformer(nn.Module):
         text_states: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
         modulation: Modulation | None = None,
+        return_block: int | None = None,
     ):
-        """Velocity at ``timestep`` of a stage batch ``x``, or of several stage batches at once (a list; see
+        """The prediction at ``timestep`` of a stage batch ``x``, or of several stage batches at once (a list; see
         :meth:`forward_packed`, reached through here so that wrappers such as FSDP see the call).
 
         ``modulation`` (from :meth:`modulations`, for these rows and this stage) stands in for ``timestep``, which
-        is then None; the condition arguments are passed and checked as usual.
+        is then None; the condition arguments are passed and checked as usual. ``return_block`` (a list of
+        stages only): also return block ``return_block``'s output tokens of each stage (representation alignment).
         """
         if isinstance(x, (list, tuple)):
             if return_intermediates or modulation is not None:
                 raise ValueError("return_intermediates and modulation need a single stage input, not a list of stages")
-            return self.forward_packed(x, timestep, class_labels, text_states, text_mask)
+            return self.forward_packed(x, timestep, class_labels, text_states, text_mask, return_block)
+        if return_block is not None:
+            raise ValueError("return_block needs a list of stage inputs (the packed training pass)")
         batch, grid = x.shape[0], self._grid(x)
         self._check_conditioning(batch, class_labels, text_states, text_mask)
         if modulation is None:
@@ -237,10 +251,14 @@ class PixelFlowTransformer(nn.Module):
         class_labels: torch.Tensor | None = None,
         text_states: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
-    ) -> list[torch.Tensor]:
+        return_block: int | None = None,
+    ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Several stages in one pass over the layers (:mod:`pixelflow.packing`): ``xs[j]`` (B_j, C, s_j, s_j) at
         ``timesteps[j]`` (B_j,); the condition covers the concatenated batch (sum of B_j rows, in the order
-        of ``xs``). Returns ``[self(x, t, ...) for each stage]`` to float rounding."""
+        of ``xs``). Returns ``[self(x, t, ...) for each stage]`` to float rounding, and with ``return_block``
+        also that block's output tokens (B_j, r_j^2, D) of each stage."""
+        if return_block is not None and not 0 <= return_block < len(self.transformer_blocks):
+            raise ValueError(f"return_block={return_block} but the model has {len(self.transformer_blocks)} blocks (0-based)")
         if not xs or len(xs) != len(timesteps):
             raise ValueError(f"need one timestep tensor per stage input, got {len(xs)} inputs and {len(timesteps)}")
         device, grids, batches = xs[0].device, [self._grid(x) for x in xs], [x.shape[0] for x in xs]
@@ -254,9 +272,13 @@ class PixelFlowTransformer(nn.Module):
         tokens = torch.cat([self._patchify(x, fast).flatten(0, 1) for x in xs])[None]
         tables = [rope_pairs(g, self.head_dim, self.rope_theta, device) for g in grids]
         rope = RopeTables(*(torch.cat([table.repeat(b, 1) for table, b in zip(per_stage, batches)]) for per_stage in zip(*tables)))
-        h, _ = self._trunk(tokens, c, rope, text_states, _text_bias(text_mask), packing, fast)
-        out = self._head(h, c, packing, fast)[0].split([b * g * g for b, g in zip(batches, grids)])
-        return [self._unpatchify(o.unflatten(0, (b, g * g)), g) for o, b, g in zip(out, batches, grids)]
+        h, kept = self._trunk(tokens, c, rope, text_states, _text_bias(text_mask), packing, fast, capture=return_block)
+        sizes = [b * g * g for b, g in zip(batches, grids)]
+        out = self._head(h, c, packing, fast)[0].split(sizes)
+        preds = [self._unpatchify(o.unflatten(0, (b, g * g)), g) for o, b, g in zip(out, batches, grids)]
+        if return_block is None:
+            return preds
+        return preds, [t.unflatten(0, (b, g * g)) for t, b, g in zip(kept[0][0].split(sizes), batches, grids)]
 
     def _grid(self, x: torch.Tensor) -> int:
         """Token grid side r = s / patch_size of a square stage image (B, C, s, s)."""
@@ -270,19 +292,20 @@ class PixelFlowTransformer(nn.Module):
 
     def _trunk(self, h: torch.Tensor, c: torch.Tensor | None, rope: RopeTables, text_states, text_bias,
                packing: Packing | None, fast: bool, keep: bool = False,
-               modulation: Modulation | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The transformer blocks; with ``keep`` also every block's output. Without it the CPU inference path
-        updates the stream ``h`` (the caller's fresh patch tokens) in place."""
+               modulation: Modulation | None = None, capture: int | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The transformer blocks; with ``keep`` also every block's output, with ``capture`` block ``capture``'s.
+        Without either the CPU inference path updates the stream ``h`` (the caller's fresh patch tokens) in place."""
+        keep_any = keep or capture is not None
         outputs = []
         for i, block in enumerate(self.transformer_blocks):
             vectors = None if modulation is None else modulation.blocks[i]
             if fast:
-                h = cpu_inference.block(block, h, c, rope, text_states, text_bias, packing, vectors, own_stream=not keep)
+                h = cpu_inference.block(block, h, c, rope, text_states, text_bias, packing, vectors, own_stream=not keep_any)
             elif self.gradient_checkpointing and self.training:
                 h = checkpoint(block, h, c, rope, text_states, text_bias, packing, vectors, use_reentrant=False)
             else:
                 h = block(h, c, rope, text_states, text_bias, packing, vectors)
-            if keep:
+            if keep or i == capture:
                 outputs.append(h)
         return h, outputs
 

@@ -60,3 +60,20 @@ def test_the_command_prints_the_table_and_refuses_a_run_without_evaluations(tmp_
     proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "empty"), "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "error: " in proc.stderr and "metrics.jsonl is missing or empty" in proc.stderr
+
+
+def test_seeds_fold_into_mean_and_spread_and_a_difference_is_judged_against_the_spread(tmp_path):
+    runs = [_run(tmp_path / f"{name}{seed}", [f"+ablation={name}", f"seed={seed}"], [_record(500, 0.99, acc, fid)])
+            for name, seed, acc, fid in [("published", 0, 0.90, 20.0), ("published", 1, 0.94, 22.0),
+                                         ("x_pred", 0, 0.95, 10.0), ("x_pred", 1, 0.96, 11.0),
+                                         ("shifted", 0, 0.91, 21.0), ("shifted", 1, 0.93, 23.5)]]
+    compare_runs(runs, tmp_path / "out", baseline="+ablation=published")
+    lines = (tmp_path / "out" / "seeds.md").read_text().splitlines()
+    x_pred = next(line for line in lines if line.startswith("| +ablation=x_pred |"))
+    shifted = next(line for line in lines if line.startswith("| +ablation=shifted |"))
+    # x_pred: accuracy 0.955 +- 0.005 against 0.92 +- 0.02: +0.035 is within the larger spread 0.04;
+    # FID 10.5 against 21: -10.5 exceeds the spreads 1 and 2
+    assert "| 2 | 500 | 0.955 +- 0.005 | 10.5 +- 0.5 | +0.035 | -10.5 (beyond spread) |" in x_pred
+    assert "(beyond spread)" not in shifted
+    with pytest.raises(ValueError, match="baseline 'nope' is none of the runs"):
+        compare_runs(runs, tmp_path / "out2", baseline="nope")

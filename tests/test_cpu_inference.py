@@ -177,10 +177,11 @@ def test_linear_is_the_layer(shape, bias, kernel_calls):
     torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("bottleneck", [None, 5])
 @pytest.mark.parametrize("patch", [2, 4])
-def test_patch_matmul_is_the_convolution(patch):
+def test_patch_matmul_is_the_convolution(patch, bottleneck):
     torch.manual_seed(0)
-    embed, x = PatchEmbed(patch_size=patch, in_channels=3, hidden=24), torch.randn(2, 3, 16, 12)
+    embed, x = PatchEmbed(patch_size=patch, in_channels=3, hidden=24, bottleneck=bottleneck), torch.randn(2, 3, 16, 12)
     with torch.no_grad():
         out = cpu_inference.patch_embed(embed, x)
     assert out.shape == (2, 16 * 12 // patch**2, 24)

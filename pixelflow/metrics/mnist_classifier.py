@@ -129,16 +129,20 @@ def _read_cache(path: Path) -> LoadedClassifier:
     return LoadedClassifier(model.eval(), float(blob["test_accuracy"]), float(blob["train_seconds"]), path, digest, False)
 
 
-def load_or_train_classifier(cache_dir: str | Path | None = None) -> LoadedClassifier:
-    """The cached classifier from ``cache_dir``, or a freshly trained one (then cached) if absent or corrupt."""
-    path = (Path(cache_dir) if cache_dir else default_cache_dir()) / f"{RECIPE}.pt"
+def load_or_train_classifier(cache_dir: str | Path | None = None, seed: int = 0) -> LoadedClassifier:
+    """The cached classifier from ``cache_dir``, or a freshly trained one (then cached) if absent or corrupt.
+
+    ``seed`` 0 is the evaluation classifier; another seed is an independently trained copy (e.g. a training
+    signal that must not be the network the samples are scored with)."""
+    name = RECIPE if seed == 0 else f"{RECIPE}-seed{seed}"
+    path = (Path(cache_dir) if cache_dir else default_cache_dir()) / f"{name}.pt"
     if path.is_file():
         try:
             return _read_cache(path)
         except Exception as err:  # torch.load / load_state_dict raise many types for damaged files
             logger.warning("MNIST classifier cache %s is unusable (%s: %s); retraining", path, type(err).__name__, str(err)[:200])
     logger.info("training the MNIST evaluation classifier (once; cached in %s)", path.parent)
-    model, accuracy, seconds = train_classifier()
+    model, accuracy, seconds = train_classifier(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_torch_save({"recipe": RECIPE, "state_dict": model.state_dict(), "test_accuracy": accuracy, "train_seconds": seconds}, path)
     digest = sha256_file(path)

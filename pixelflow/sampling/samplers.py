@@ -21,6 +21,7 @@ from pixelflow.cascade import CascadeSchedule
 from pixelflow.conditioning import Conditioning, as_conditioning
 from pixelflow.layers import fp32_region
 from pixelflow.model import Modulation
+from pixelflow.prediction import SAMPLE_MIN_DIVISOR, convert
 from pixelflow.sampling.integrators import STEPPERS
 
 __all__ = ["METHODS", "SamplerConfig", "CascadeNoise", "CascadeSampler", "SampleOutput", "euler_time_grid", "to_uint8"]
@@ -197,6 +198,10 @@ class CascadeSampler:
     stage); ``guidance_interval`` then limits it for either. Where the weight is exactly 1 (stage 0
     under the class ramp, every stage at ``guidance_scale=1``, outside ``guidance_interval``) only the
     conditional branch runs: v_u + 1 (v_c - v_u) is v_c, up to float rounding.
+
+    A network that predicts ``x`` or ``eps`` (its ``prediction``) is integrated through the velocity its
+    guided output implies at the state and stage-local time of the call (:func:`pixelflow.prediction.convert`;
+    the conversion is affine in the output, so guiding before or after it is the same).
     """
 
     def __init__(self, model: torch.nn.Module, schedule: CascadeSchedule, config: SamplerConfig):
@@ -204,6 +209,7 @@ class CascadeSampler:
             raise TypeError(f"config must be a SamplerConfig (SamplerConfig.from_mapping reads a preset), got {type(config).__name__}")
         self.model, self.schedule, self.config = model, schedule, config
         self.steps = config.stage_steps(schedule.num_stages)
+        self.prediction = getattr(model, "prediction", "v")
 
     @property
     def device(self) -> torch.device:
@@ -219,19 +225,26 @@ class CascadeSampler:
         return stage_weight if lo <= timestep / (self.schedule.num_train_timesteps - 1) <= hi else 1.0
 
     def velocity(self, x: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, weight: float,
-                 modulation: Modulation | None = None) -> torch.Tensor:
+                 modulation: Modulation | None = None, t: torch.Tensor | float | None = None) -> torch.Tensor:
         """v_u + w (v_c - v_u) from one batched forward over [uncond; cond] rows; w == 1 runs v_c alone.
 
         ``modulation``: the network's adaLN vectors for this call's rows, computed ahead (it then stands in for
-        ``timestep``; see :meth:`PixelFlowTransformer.modulations`).
+        ``timestep``; see :meth:`PixelFlowTransformer.modulations`). ``t``: the stage-local time of ``x``, which
+        an ``x`` or ``eps`` network's conversion to the velocity needs.
         """
         batch = x.shape[0]
         rows = batch if weight == 1.0 else 2 * batch
         timestep = None if modulation is not None else timestep.expand(rows)
         if weight == 1.0:
-            return self.model(x, timestep, **cond.cond_kwargs(), modulation=modulation)
-        v_uncond, v_cond = self.model(torch.cat([x, x]), timestep, **cond.both_kwargs(), modulation=modulation).chunk(2)
-        return torch.add(v_uncond, v_cond - v_uncond, alpha=weight)
+            out = self.model(x, timestep, **cond.cond_kwargs(), modulation=modulation)
+        else:
+            uncond, conditional = self.model(torch.cat([x, x]), timestep, **cond.both_kwargs(), modulation=modulation).chunk(2)
+            out = torch.add(uncond, conditional - uncond, alpha=weight)
+        if self.prediction == "v":
+            return out
+        if t is None:
+            raise ValueError(f"the network predicts {self.prediction!r}: velocity() needs the stage-local time t of x")
+        return convert(out, x, t, self.prediction, "v", SAMPLE_MIN_DIVISOR)
 
     def _modulations(self, stage: int, timesteps: torch.Tensor, cond: Conditioning, guided: bool) -> list[Modulation]:
         """adaLN vectors at ``timesteps`` for the rows of a guided ([uncond; cond]) or a conditional-only call."""
@@ -266,7 +279,7 @@ class CascadeSampler:
         t, timesteps = self.stage_time_grid(stage)
         # Everything per step is prepared here, on the host, once per stage.
         t32 = t.float()
-        dts = (t32[1:] - t32[:-1]).tolist()
+        dts, points = (t32[1:] - t32[:-1]).tolist(), t32[:-1].tolist()
         weights = [self._weight_at(weight, T) for T in timesteps.tolist()]
         timesteps = timesteps.to(x.device)
         modulations = self._stage_modulations(stage, timesteps, cond, weights)
@@ -275,7 +288,7 @@ class CascadeSampler:
         def velocity(y: torch.Tensor, n: int) -> torch.Tensor:
             nonlocal calls
             calls += 1
-            return self.velocity(y, timesteps[n], cond, weights[n], modulations[n])
+            return self.velocity(y, timesteps[n], cond, weights[n], modulations[n], points[n])
 
         report = None if on_step is None else (lambda done, total: on_step(stage, done, total))
         x = STEPPERS[self.config.method](x, velocity, dts, report)
@@ -294,7 +307,7 @@ class CascadeSampler:
             timestep = (t0 + t * (t_last - t0)).float().reshape(1)
             w = self._weight_at(weight, float(timestep)) if interval else weight
             modulation = self._modulations(stage, timestep, cond, guided=w != 1.0)[0]  # the call form compile warms
-            v = self.velocity(y[:batch], timestep, cond, w, modulation)
+            v = self.velocity(y[:batch], timestep, cond, w, modulation, t)
             return torch.cat([v, v])
 
         ends = torch.tensor([0.0, 1.0], device=state.device)

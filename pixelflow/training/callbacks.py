@@ -144,7 +144,7 @@ class ExportWeights(L.Callback):
                 raise DivergenceError(f"not exporting to {self.out_dir}: {len(bad)} tensor(s) hold NaN or inf (e.g. {bad[:3]})")
             name = "model.pt" if i == 0 else ema_export_name(decay)
             path = export_released_format(model, pl_module.schedule, self.out_dir, pl_module.class_names, name, decays,
-                                          text_encoder=text)
+                                          text_encoder=text, objective=pl_module.objective.describe())
             if i:
                 logger.info("exported EMA %s weights: %s", decay, path)
             else:

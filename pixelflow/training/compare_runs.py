@@ -3,12 +3,16 @@
 A run is a run directory: its ``.hydra/overrides.yaml`` (the command-line overrides it was started
 with) and ``metrics.jsonl`` (evaluations during training, :mod:`pixelflow.training.eval_callback`).
 Runs are labelled by the overrides they do not share with all the others, so a sweep's table and
-legends show only what was swept.
+legends show only what was swept. :func:`seed_summary` folds runs that differ only in ``seed=`` into one
+row: the mean and spread (max - min) of each metric over the seeds, and whether the difference from a
+baseline row exceeds the larger of the two rows' spreads.
 """
 
 from __future__ import annotations
 
 import csv
+import re
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,8 @@ from omegaconf import OmegaConf
 
 from pixelflow.training.eval_callback import read_metrics
 
-__all__ = ["run_overrides", "load_runs", "final_rows", "write_tables", "plot_metrics", "compare_runs"]
+__all__ = ["run_overrides", "load_runs", "final_rows", "write_tables", "plot_metrics", "compare_runs", "seed_summary",
+           "write_seed_summary"]
 
 IGNORED = ("paths.", "trainer.enable_progress_bar", "trainer.enable_model_summary")  # where, not what, a run trains
 
@@ -110,10 +115,60 @@ def plot_metrics(out: Path, runs: list[dict[str, Any]], metrics: list[str]) -> l
     return paths
 
 
-def compare_runs(run_dirs: list[Path], out: Path) -> tuple[tuple[Path, Path], list[Path]]:
-    """Write ``out/runs.csv``, ``out/runs.md`` and one plot per metric for ``run_dirs``; returns (tables, plots)."""
+_SEED = re.compile(r"(^| )seed=\S+")
+
+
+def seed_summary(metrics: list[str], rows: list[dict[str, Any]], baseline: str | None = None) -> list[dict[str, Any]]:
+    """One row per group of runs equal but for their ``seed=`` override (and EMA rate): seeds, and per metric the
+    mean, the spread max - min, and against the ``baseline`` group (its label; default the first group) the
+    difference of means and whether it exceeds the larger spread of the two groups."""
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for row in rows:
+        label = _SEED.sub("", row["run"]).strip() or "(seed only)"
+        groups.setdefault((label, row["ema"]), []).append(row)
+    summary = []
+    for (label, ema), members in groups.items():
+        entry: dict[str, Any] = {"run": label, "ema": ema, "seeds": len(members), "step": min(m["step"] for m in members)}
+        for metric in metrics:
+            values = [m[metric] for m in members if m.get(metric) is not None]
+            entry[f"{metric}_mean"] = statistics.fmean(values) if values else None
+            entry[f"{metric}_spread"] = max(values) - min(values) if values else None
+        summary.append(entry)
+    base = next((e for e in summary if e["run"] == baseline), None) if baseline else (summary[0] if summary else None)
+    if baseline and base is None:
+        raise ValueError(f"baseline {baseline!r} is none of the runs: {sorted({e['run'] for e in summary})}")
+    for entry in summary:
+        for metric in metrics:
+            mean, spread = entry[f"{metric}_mean"], entry[f"{metric}_spread"]
+            if base is None or mean is None or base[f"{metric}_mean"] is None:
+                continue
+            entry[f"{metric}_diff"] = mean - base[f"{metric}_mean"]
+            entry[f"{metric}_beyond_spread"] = abs(entry[f"{metric}_diff"]) > max(spread, base[f"{metric}_spread"])
+    return summary
+
+
+def write_seed_summary(out: Path, metrics: list[str], summary: list[dict[str, Any]]) -> Path:
+    """``out/seeds.md``: one row per group of seeds, mean +- half the spread, difference from the baseline."""
+    columns = ["run", "seeds", "step", *[f"{m} (mean +- spread/2)" for m in metrics], *[f"{m} vs baseline" for m in metrics]]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for e in summary:
+        cells = [e["run"], str(e["seeds"]), str(e["step"])]
+        cells += [f"{_cell(e[f'{m}_mean'])} +- {_cell(e[f'{m}_spread'] / 2)}" if e[f"{m}_mean"] is not None else "" for m in metrics]
+        cells += [f"{e[f'{m}_diff']:+.4g}{' (beyond spread)' if e[f'{m}_beyond_spread'] else ''}" if f"{m}_diff" in e else ""
+                  for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    (out / "seeds.md").write_text("\n".join(lines) + "\n")
+    return out / "seeds.md"
+
+
+def compare_runs(run_dirs: list[Path], out: Path, baseline: str | None = None) -> tuple[tuple[Path, Path], list[Path]]:
+    """Write ``out/runs.csv``, ``out/runs.md``, ``out/seeds.md`` (:func:`seed_summary`, when some runs differ only in
+    their seed) and one plot per metric for ``run_dirs``; returns (tables, plots)."""
     runs = load_runs(run_dirs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metrics, rows = final_rows(runs)
+    summary = seed_summary(metrics, rows, baseline)
+    if any(entry["seeds"] > 1 for entry in summary):
+        write_seed_summary(out, metrics, summary)
     return write_tables(out, metrics, rows), plot_metrics(out, runs, metrics)

@@ -13,7 +13,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pixelflow.atomic import atomic_write_text
 from pixelflow.checkpoint import CheckpointError, load_pixelflow, model_kwargs
@@ -21,11 +21,14 @@ from pixelflow.text import TextEncoder
 from pixelflow.training.callbacks import SampleGrid
 from pixelflow.training.checkpoint_io import AtomicCheckpointIO
 from pixelflow.training.console import StepProgressBar, silence_lightning_tips
+from pixelflow.training.objective import Objective
 from pixelflow.training.preemption import RequeueOnSignal, slurm_environment
+from pixelflow.training.repa import RepaAlignment
 from pixelflow.training.retention import newest_checkpoint
 from pixelflow.training.sharding import is_fsdp
 
-__all__ = ["build_training", "build_text_encoder", "run_training", "check_global_batch", "group_entries", "init_from_weights"]
+__all__ = ["build_training", "build_objective", "build_alignment", "build_text_encoder", "run_training",
+           "check_global_batch", "group_entries", "init_from_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,19 +131,35 @@ def build_text_encoder(cfg: DictConfig, datamodule: L.LightningDataModule) -> Te
     return instantiate(spec) if spec else None
 
 
+def build_objective(cfg: DictConfig, num_stages: int) -> Objective:
+    """``cfg.objective`` (a ``conf/objective`` preset; absent: the published recipe), checked against the stages."""
+    values = cfg.get("objective")
+    return Objective.from_config(None if values is None else OmegaConf.to_container(values, resolve=True), num_stages)
+
+
+def build_alignment(objective: Objective, hidden: int) -> RepaAlignment | None:
+    """The REPA term of ``objective.repa`` (its encoder instantiated from the config), or None."""
+    repa = objective.repa
+    if repa is None:
+        return None
+    return RepaAlignment(instantiate(repa.encoder), hidden, repa.block, repa.weight, repa.projector_dim)
+
+
 def build_training(cfg: DictConfig) -> tuple[L.Trainer, L.LightningModule, L.LightningDataModule]:
-    """Instantiate everything a run needs; validates the batch invariant before any work."""
+    """Instantiate everything a run needs; validates the batch invariant and the objective before any work."""
     L.seed_everything(cfg.seed, workers=True)
     run_dir = Path(cfg.paths.run_dir)
+    schedule = instantiate(cfg.cascade)
+    objective = build_objective(cfg, schedule.num_stages)
     datamodule = instantiate(cfg.data)
     text_encoder = build_text_encoder(cfg, datamodule)
     text = {"cross_attention_dim": text_encoder.width} if text_encoder is not None else {}
-    model = instantiate(cfg.model, num_classes=datamodule.num_classes, **text)
-    schedule = instantiate(cfg.cascade)
+    model = instantiate(cfg.model, num_classes=datamodule.num_classes, prediction=objective.prediction, **text)
     if schedule.image_size != datamodule.image_size:
         raise ValueError(f"cascade.image_size={schedule.image_size} differs from data.image_size={datamodule.image_size}")
     module = instantiate(cfg.module)(model=model, schedule=schedule, class_names=datamodule.class_names,
-                                     text_encoder=text_encoder)
+                                     text_encoder=text_encoder, objective=objective,
+                                     alignment=build_alignment(objective, model.hidden_size))
     callbacks = [instantiate(c) for c in group_entries(cfg, "callbacks").values()]
     if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
         callbacks.append(StepProgressBar())

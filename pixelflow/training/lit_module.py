@@ -19,8 +19,9 @@ from pixelflow.cascade import CascadeSchedule
 from pixelflow.checkpoint import model_kwargs
 from pixelflow.model import PixelFlowTransformer
 from pixelflow.text import TextEncoder
-from pixelflow.training.objective import cascade_loss
+from pixelflow.training.objective import Objective, cascade_loss
 from pixelflow.training.process_group import destroy_gloo_group_at_exit
+from pixelflow.training.repa import RepaAlignment
 from pixelflow.training.sharding import is_fsdp
 
 __all__ = ["PixelFlowLitModule", "DivergenceError", "nonfinite_tensors"]
@@ -66,6 +67,10 @@ class PixelFlowLitModule(L.LightningModule):
     (seed, optimizer step, micro-batch within the step, rank), so a resumed run draws
     exactly what an uninterrupted run would have drawn.
 
+    ``objective`` (:class:`~pixelflow.training.objective.Objective`, default the published recipe) chooses the
+    prediction target, loss space, time sampling and stage shares and weights; ``alignment`` is its REPA term
+    (a submodule: the projector trains with the model and is in the checkpoint, not in the EMAs or the export).
+
     A non-finite loss or global gradient norm skips that optimizer step (no weight, moment or EMA
     update; ``train/skipped_steps`` counts them); ``max_nonfinite_steps`` of them in a row stop the run.
     """
@@ -85,9 +90,14 @@ class PixelFlowLitModule(L.LightningModule):
         class_names: list[str] | None = None,
         max_nonfinite_steps: int = 20,
         text_encoder: TextEncoder | None = None,
+        objective: Objective | None = None,
+        alignment: RepaAlignment | None = None,
     ):
         super().__init__()
         _check_text_encoder(model, text_encoder)
+        objective = objective or Objective()
+        objective.check_stages(schedule.num_stages)
+        _check_objective(model, objective, alignment)
         self.ema_decays = [float(d) for d in ema_decays or ()]
         if not all(0.0 < d < 1.0 for d in self.ema_decays) or len(set(self.ema_decays)) != len(self.ema_decays):
             raise ValueError(f"ema_decays must be distinct rates in (0, 1), e.g. [0.9999, 0.999], or null (no EMA); got {ema_decays}")
@@ -102,6 +112,7 @@ class PixelFlowLitModule(L.LightningModule):
         self.lr_warmup_steps, self.lr_decay_fraction = lr_warmup_steps, lr_decay_fraction
         self.label_dropout, self.seed, self.class_names = label_dropout, seed, class_names
         self.text_encoder = text_encoder
+        self.objective, self.alignment = objective, alignment
         self.emas = nn.ModuleList(AveragedModel(model, multi_avg_fn=partial(ema_update, decay=d)) for d in self.ema_decays)
         self.emas.requires_grad_(False)
         self._micro_batch = 0
@@ -130,15 +141,15 @@ class PixelFlowLitModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor | list[str]], batch_idx: int) -> torch.Tensor:
         images, labels = batch  # labels: class ids, or captions for a text-to-image model
         encode = self.text_encoder.encode if self.text_encoder is not None else None
-        loss, per_stage = cascade_loss(self.model, self.schedule, images, labels, self._generator(), self.label_dropout,
-                                       encode_text=encode)
+        loss, terms = cascade_loss(self.model, self.schedule, images, labels, self._generator(), self.label_dropout,
+                                   encode_text=encode, objective=self.objective, alignment=self.alignment)
         self._micro_batch += 1
         finite = torch.isfinite(loss.detach())
         self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/lr", self.learning_rate(self.global_step))
-        for k, value in per_stage.items():
-            self.log(f"train/loss_stage{k}", value)
+        for name, value in terms.items():
+            self.log(f"train/loss_{name}", value)
         return loss
 
     def learning_rate(self, step: int) -> float:
@@ -156,6 +167,8 @@ class PixelFlowLitModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.text_encoder is not None:  # a plain attribute: Lightning does not move it with the module
             self.text_encoder.model.to(self.device)
+        if self.alignment is not None:  # its frozen encoder is a plain attribute too
+            self.alignment.encoder.to(self.device)
         if self.lr_decay_fraction and not self.trainer.max_steps > 0:
             raise ValueError("module.lr_decay_fraction needs a finite trainer.max_steps (the decay ends there)")
 
@@ -212,8 +225,12 @@ class PixelFlowLitModule(L.LightningModule):
         return finite
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW; its lr is set before every step by :meth:`learning_rate` (constant by default, as in the paper)."""
-        return torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
+        """AdamW over the model (and the REPA projector); its lr is set before every step by :meth:`learning_rate`
+        (constant by default, as in the paper)."""
+        params = list(self.model.parameters())
+        if self.alignment is not None:
+            params += list(self.alignment.projector.parameters())
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["pixelflow"] = {
@@ -223,6 +240,7 @@ class PixelFlowLitModule(L.LightningModule):
             "ema_decays": self.ema_decays,  # state_dict keys emas.<i>.module.* hold rate ema_decays[i]
             "text_encoder": None if self.text_encoder is None else self.text_encoder.spec,  # how to build it again
             "nonfinite_steps": {"skipped": self.skipped_steps, "streak": self._nonfinite_streak},
+            "objective": self.objective.describe(),
         }
         bad = nonfinite_tensors(checkpoint.get("state_dict", {}))
         if bad:
@@ -253,3 +271,23 @@ def _check_text_encoder(model: PixelFlowTransformer, text_encoder: TextEncoder |
     if text_encoder is not None and text_encoder.width != width:
         raise ValueError(f"the text encoder's width {text_encoder.width} differs from the model's cross_attention_dim "
                          f"{width}; build the model with cross_attention_dim={text_encoder.width}")
+
+
+def _check_objective(model: PixelFlowTransformer, objective: Objective, alignment: RepaAlignment | None) -> None:
+    """The objective, its REPA term and the network must agree; each conflict is named with its fix."""
+    if model.prediction != objective.prediction:
+        raise ValueError(f"the model predicts {model.prediction!r} but objective.prediction={objective.prediction!r}: build "
+                         "the model with the objective's prediction (train.py does)")
+    if (objective.repa is None) != (alignment is None):
+        raise ValueError("objective.repa and the alignment term must come together: build the RepaAlignment from "
+                         "objective.repa (train.py does), or set objective.repa=null")
+    if alignment is None:
+        return
+    depth = len(model.transformer_blocks)
+    if not 0 <= alignment.block < depth:
+        raise ValueError(f"objective.repa.block={alignment.block} but the model has {depth} blocks (0-{depth - 1}): "
+                         f"pick a block in range (REPA aligns an early one, e.g. {max(depth // 3 - 1, 0)})")
+    if alignment.encoder.channels != model.in_channels:
+        raise ValueError(f"the REPA encoder reads {alignment.encoder.channels}-channel images but the model's images have "
+                         f"{model.in_channels}: use an encoder for this data (MNIST: pixelflow.training.repa.MNISTClassifierEncoder; "
+                         "RGB: pixelflow.training.repa.TimmEncoder)")

@@ -39,10 +39,11 @@ FAST = dict(steps_1=2, steps_2=2, steps_3=2, steps_4=3)  # few steps: the API te
 
 
 # ---- helpers shared with tests/demo/test_browser.py -----------------------------------------
-def make_tiny_checkpoint(out_dir: Path, num_stages: int = 4) -> Path:
-    """A random Test/2 model (10 classes, 32 px, ``num_stages`` stages) in the released model.pt + config.yaml layout."""
+def make_tiny_checkpoint(out_dir: Path, num_stages: int = 4, prediction: str = "v") -> Path:
+    """A random Test/2 model (10 classes, 32 px, ``num_stages`` stages, predicting ``prediction``) in the released
+    model.pt + config.yaml layout."""
     torch.manual_seed(0)
-    model = build_model("Test/2", num_classes=10)
+    model = build_model("Test/2", num_classes=10, prediction=prediction)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.05)
@@ -126,6 +127,16 @@ def test_generate_is_deterministic_and_previews_every_stage(demo_model):
     assert a.stage_previews[1][-1].tobytes() == a.images[1].tobytes()  # the last stage is the final image
     first = np.asarray(a.stage_previews[0][0])  # 4 px stage upsampled x8: constant 8x8 blocks
     assert (first == np.repeat(np.repeat(first[::8, ::8], 8, 0), 8, 1)).all()
+
+
+def test_a_single_stage_x_predicting_model_serves_like_any_cascade(tmp_path):
+    dm = DemoModel.load(make_tiny_checkpoint(tmp_path, num_stages=1, prediction="x"), device="cpu", max_images=2)
+    assert dm.stage_sides == [32] and dm.model.prediction == "x"
+    out = dm.generate(dm.validate("3", False, 1.0, 4.0, [3], 5, 2))
+    assert out.nfe == [3] and [im.size for im in out.images] == [(32, 32)] * 2
+    assert np.asarray(out.images[0]).std() > 1
+    with pytest.raises(DemoInputError, match=r"one value per stage \(1\)"):
+        dm.validate("3", False, 1.0, 4.0, [3, 3], 5, 2)
 
 
 @pytest.mark.parametrize("dopri5", [False, True])
