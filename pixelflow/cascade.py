@@ -13,6 +13,8 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
+from pixelflow.prediction import StageLine
+
 __all__ = ["CascadeSchedule", "TrainingPair", "downsample", "upsample"]
 
 # Published stage-wise guidance ramp for four stages: w_k = 1 + (cfg - 1) * factor_k.
@@ -39,13 +41,14 @@ class TrainingPair:
     target: torch.Tensor  # (B, C, s, s) velocity x_end - x_start
     timestep: torch.Tensor  # (B,) float32 global T
     stage: int
-    x_start: torch.Tensor  # (B, C, s, s) the stage's start point (t = 0)
-    x_end: torch.Tensor  # (B, C, s, s) the stage's end point (t = 1)
+    clean: torch.Tensor  # (B, C, s, s) the clean image at the stage's size
+    noise: torch.Tensor  # (B, C, s, s) the noise both ends of the stage share
     t: torch.Tensor  # (B,) stage-local time of x_t, in the images' dtype
+    line: StageLine  # the stage's window, for converting between predictions
 
     def truth(self, prediction: str) -> torch.Tensor:
         """The exact value of what a ``prediction`` network outputs here (:mod:`pixelflow.prediction`)."""
-        return {"v": self.target, "x": self.x_end, "eps": self.x_start}[prediction]
+        return {"v": self.target, "x": self.clean, "eps": self.noise}[prediction]
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,10 @@ class CascadeSchedule:
     def starts(self) -> list[float]:
         """Rectified window starts s'_k (s'_0 = 0)."""
         return [s * self.rectify_ratio(s) if k else 0.0 for k, s in enumerate(self.original_starts)]
+
+    def line(self, stage: int) -> StageLine:
+        """Stage ``stage``'s window [s'_k, e_k], which relates its velocity, clean image and noise."""
+        return StageLine(self.starts[stage], self.ends[stage])
 
     # ---- global timesteps ---------------------------------------------------------------
     @cached_property
@@ -143,8 +150,8 @@ class CascadeSchedule:
         tau = (t_index.double() / self.num_train_timesteps).to(images.dtype).view(-1, 1, 1, 1)
         x_t = tau * x_end + (1 - tau) * x_start
         timestep = self.timestep_tables[k].to(images.device)[t_index.long()].float()
-        return TrainingPair(x_t=x_t, target=x_end - x_start, timestep=timestep, stage=k, x_start=x_start, x_end=x_end,
-                            t=tau.view(-1))
+        return TrainingPair(x_t=x_t, target=x_end - x_start, timestep=timestep, stage=k, clean=clean_end, noise=noise,
+                            t=tau.view(-1), line=self.line(k))
 
     def balanced_stages(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """One stage per sample, every stage equally often (the remainder's stages rotate randomly)."""

@@ -225,12 +225,13 @@ class CascadeSampler:
         return stage_weight if lo <= timestep / (self.schedule.num_train_timesteps - 1) <= hi else 1.0
 
     def velocity(self, x: torch.Tensor, timestep: torch.Tensor, cond: Conditioning, weight: float,
-                 modulation: Modulation | None = None, t: torch.Tensor | float | None = None) -> torch.Tensor:
+                 modulation: Modulation | None = None, t: torch.Tensor | float | None = None,
+                 stage: int | None = None) -> torch.Tensor:
         """v_u + w (v_c - v_u) from one batched forward over [uncond; cond] rows; w == 1 runs v_c alone.
 
         ``modulation``: the network's adaLN vectors for this call's rows, computed ahead (it then stands in for
-        ``timestep``; see :meth:`PixelFlowTransformer.modulations`). ``t``: the stage-local time of ``x``, which
-        an ``x`` or ``eps`` network's conversion to the velocity needs.
+        ``timestep``; see :meth:`PixelFlowTransformer.modulations`). ``t`` and ``stage``: the stage-local time of ``x``
+        and its stage, which an ``x`` or ``eps`` network's conversion to the velocity needs.
         """
         batch = x.shape[0]
         rows = batch if weight == 1.0 else 2 * batch
@@ -242,9 +243,10 @@ class CascadeSampler:
             out = torch.add(uncond, conditional - uncond, alpha=weight)
         if self.prediction == "v":
             return out
-        if t is None:
-            raise ValueError(f"the network predicts {self.prediction!r}: velocity() needs the stage-local time t of x")
-        return convert(out, x, t, self.prediction, "v", SAMPLE_MIN_DIVISOR)
+        if t is None or stage is None:
+            raise ValueError(f"the network predicts {self.prediction!r}: velocity() needs the stage and the stage-local "
+                             "time t of x")
+        return convert(out, x, t, self.schedule.line(stage), self.prediction, "v", SAMPLE_MIN_DIVISOR)
 
     def _modulations(self, stage: int, timesteps: torch.Tensor, cond: Conditioning, guided: bool) -> list[Modulation]:
         """adaLN vectors at ``timesteps`` for the rows of a guided ([uncond; cond]) or a conditional-only call."""
@@ -288,7 +290,7 @@ class CascadeSampler:
         def velocity(y: torch.Tensor, n: int) -> torch.Tensor:
             nonlocal calls
             calls += 1
-            return self.velocity(y, timesteps[n], cond, weights[n], modulations[n], points[n])
+            return self.velocity(y, timesteps[n], cond, weights[n], modulations[n], points[n], stage)
 
         report = None if on_step is None else (lambda done, total: on_step(stage, done, total))
         x = STEPPERS[self.config.method](x, velocity, dts, report)
@@ -307,7 +309,7 @@ class CascadeSampler:
             timestep = (t0 + t * (t_last - t0)).float().reshape(1)
             w = self._weight_at(weight, float(timestep)) if interval else weight
             modulation = self._modulations(stage, timestep, cond, guided=w != 1.0)[0]  # the call form compile warms
-            v = self.velocity(y[:batch], timestep, cond, w, modulation, t)
+            v = self.velocity(y[:batch], timestep, cond, w, modulation, t, stage)
             return torch.cat([v, v])
 
         ends = torch.tensor([0.0, 1.0], device=state.device)

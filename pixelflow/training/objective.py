@@ -126,9 +126,9 @@ class Objective:
     def sample_loss(self, pred: torch.Tensor, pair: TrainingPair) -> torch.Tensor:
         """(B,) pixel-mean squared error of ``pred`` in the ``loss`` space (before the stage weight); the truth is mapped there the same way
         (clamped divisors included, as JiT), so the loss re-weights the prediction's own error."""
-        x_t, t = pair.x_t.float(), pair.t.float()
-        mapped = convert(pred.float(), x_t, t, self.prediction, self.loss, TRAIN_MIN_DIVISOR)
-        target = convert(pair.truth(self.prediction).float(), x_t, t, self.prediction, self.loss, TRAIN_MIN_DIVISOR)
+        x_t, t, line = pair.x_t.float(), pair.t.float(), pair.line
+        mapped = convert(pred.float(), x_t, t, line, self.prediction, self.loss, TRAIN_MIN_DIVISOR)
+        target = convert(pair.truth(self.prediction).float(), x_t, t, line, self.prediction, self.loss, TRAIN_MIN_DIVISOR)
         return (mapped - target).square().mean(dim=(1, 2, 3))
 
     def stage_weight(self, stage: int) -> float:

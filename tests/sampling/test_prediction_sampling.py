@@ -2,12 +2,13 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pixelflow.cascade import CascadeSchedule
 from pixelflow.conditioning import ClassCondition
 from pixelflow.model import build_model
-from pixelflow.prediction import SAMPLE_MIN_DIVISOR
+from pixelflow.prediction import SAMPLE_MIN_DIVISOR, convert
 from pixelflow.sampling.samplers import METHODS, CascadeSampler, SamplerConfig
 from pixelflow.text import TextCondition
 
@@ -22,21 +23,53 @@ def _random(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+class Oracle(nn.Module):
+    """Returns a fixed tensor for every row (the conditional and unconditional branches alike)."""
+
+    prediction, patch_size, in_channels, num_classes, null_class, cross_attention_dim = "v", 2, 3, 10, 10, None
+
+    def __init__(self, out: torch.Tensor, prediction: str):
+        super().__init__()
+        self.out, self.prediction = out, prediction
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, timestep, class_labels=None, modulation=None, **_):
+        return self.out.repeat(x.shape[0] // self.out.shape[0], 1, 1, 1)
+
+
+@pytest.mark.parametrize("stage", range(4))
 @pytest.mark.parametrize("prediction", ["x", "eps"])
-def test_guided_velocity_of_an_x_or_eps_network_is_the_formula(prediction):
+@pytest.mark.parametrize("weight", [1.0, 3.0])
+def test_a_network_that_predicts_the_truth_gives_the_true_velocity(stage, prediction, weight):
+    """At a point x_t = t x_end + (1 - t) x_start of stage k, a network that outputs the true clean image (or noise)
+    makes the sampler integrate the true velocity x_end - x_start, guided or not."""
+    g = torch.Generator().manual_seed(stage)
+    side = SCHEDULE.stage_sides[stage]
+    c, n = torch.randn(2, 3, side, side, generator=g), torch.randn(2, 3, side, side, generator=g)
+    s, e, t = SCHEDULE.starts[stage], SCHEDULE.ends[stage], 0.4
+    x_end = e * c + (1 - e) * n
+    x_start = s * F.interpolate(F.avg_pool2d(c, 2), scale_factor=2, mode="nearest") + (1 - s) * n if stage else n
+    x_t = t * x_end + (1 - t) * x_start
+    sampler = CascadeSampler(Oracle(c if prediction == "x" else n, prediction), SCHEDULE, SamplerConfig(steps=2))
+    got = sampler.velocity(x_t, torch.tensor(400.0), ClassCondition(torch.tensor([1, 2]), 10), weight, t=t, stage=stage)
+    torch.testing.assert_close(got, x_end - x_start, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="needs the stage and the stage-local time"):
+        sampler.velocity(x_t, torch.tensor(400.0), ClassCondition(torch.tensor([1, 2]), 10), weight)
+
+
+@pytest.mark.parametrize("prediction", ["x", "eps"])
+def test_guidance_of_a_converted_prediction_is_guidance_of_its_velocities(prediction):
+    """The conversion is affine in the output: guiding the output then converting equals guiding the velocities."""
     model = _random(build_model("Test/2", num_classes=10, prediction=prediction))
     sampler = CascadeSampler(model, SCHEDULE, SamplerConfig(steps=2))
-    x, timestep, t, w = torch.randn(3, 3, 8, 8), torch.tensor(400.0), 0.3, 3.0
-    labels = torch.tensor([1, 2, 3])
+    x, timestep, labels = torch.randn(3, 3, 8, 8), torch.tensor(400.0), torch.tensor([1, 2, 3])
+    cond = ClassCondition(labels, 10)
     with torch.no_grad():
-        out_u = model(x, timestep.expand(3), class_labels=torch.full((3,), 10))
-        out_c = model(x, timestep.expand(3), class_labels=labels)
-        guided = out_u + w * (out_c - out_u)
-        expected = (guided - x) / (1 - t) if prediction == "x" else (x - guided) / t
-        got = sampler.velocity(x, timestep, ClassCondition(labels, 10), w, t=t)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="needs the stage-local time t"):
-        sampler.velocity(x, timestep, ClassCondition(labels, 10), w)
+        guided = sampler.velocity(x, timestep, cond, 3.0, t=0.3, stage=1)
+        v_c = sampler.velocity(x, timestep, cond, 1.0, t=0.3, stage=1)
+        model_u = CascadeSampler(model, SCHEDULE, SamplerConfig(steps=2))
+        v_u = model_u.velocity(x, timestep, ClassCondition(torch.full((3,), 10), 10), 1.0, t=0.3, stage=1)
+    torch.testing.assert_close(guided, v_u + 3.0 * (v_c - v_u), rtol=1e-4, atol=1e-4)
 
 
 def test_text_to_image_velocity_is_converted_too():
@@ -44,11 +77,13 @@ def test_text_to_image_velocity_is_converted_too():
     mask = torch.ones(4, 5, dtype=torch.long)
     text = TextCondition(torch.randn(4, 5, 24, generator=torch.Generator().manual_seed(1)), mask)
     x, timestep = torch.randn(2, 3, 8, 8), torch.tensor(700.0)
+    line = SCHEDULE.line(1)
     with torch.no_grad():
         out_u = model(x, timestep.expand(2), text_states=text.states[:2], text_mask=mask[:2])
         out_c = model(x, timestep.expand(2), text_states=text.states[2:], text_mask=mask[2:])
-        got = CascadeSampler(model, SCHEDULE, SamplerConfig(steps=1)).velocity(x, timestep, text, 2.0, t=0.6)
-    torch.testing.assert_close(got, (out_u + 2.0 * (out_c - out_u) - x) / 0.4, rtol=1e-5, atol=1e-5)
+        got = CascadeSampler(model, SCHEDULE, SamplerConfig(steps=1)).velocity(x, timestep, text, 2.0, t=0.6, stage=1)
+    expected = convert(out_u + 2.0 * (out_c - out_u), x, 0.6, line, "x", "v", SAMPLE_MIN_DIVISOR)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 class ConstantImageFlow(nn.Module):

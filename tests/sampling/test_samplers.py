@@ -190,7 +190,7 @@ class _AlwaysBothBranches(CascadeSampler):
     """The full computation: [uncond; cond] forward and v_u + w (v_c - v_u) even where w == 1, with the
     conditioning computed inside every forward (the adaLN vectors computed ahead are not used)."""
 
-    def velocity(self, x, timestep, cond, weight, modulation=None, t=None):
+    def velocity(self, x, timestep, cond, weight, modulation=None, t=None, stage=None):
         v_u, v_c = self.model(torch.cat([x, x]), timestep.expand(2 * x.shape[0]), **cond.both_kwargs()).chunk(2)
         return v_u + weight * (v_c - v_u)
 

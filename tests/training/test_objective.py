@@ -3,7 +3,6 @@ import torch
 
 from pixelflow.cascade import CascadeSchedule
 from pixelflow.model import build_model
-from pixelflow.prediction import TRAIN_MIN_DIVISOR
 from pixelflow.training.objective import Objective, cascade_loss, stages_by_fraction
 
 SCHEDULE = CascadeSchedule(image_size=16, num_stages=4)
@@ -48,28 +47,43 @@ def test_published_objective_gives_the_loss_of_the_previous_implementation():
     idx = [(stages == k).nonzero(as_tuple=True)[0] for k in range(4)]
     pairs = [SCHEDULE.training_pair(images[i], k, t_index[i], generator=g) for k, i in enumerate(idx)]
     preds = model([p.x_t for p in pairs], [p.timestep for p in pairs], class_labels=labels[torch.cat(idx)])
-    errors = [(pred - (p.x_end - p.x_start)).square().mean(dim=(1, 2, 3)) for pred, p in zip(preds, pairs)]
+    errors = [(pred - p.target).square().mean(dim=(1, 2, 3)) for pred, p in zip(preds, pairs)]
     assert torch.equal(loss, torch.cat(errors).mean())
 
 
-def test_x_prediction_with_v_loss_is_the_clamp_weighted_x_error():
-    images, labels = _batch()
-    model = _model("x")
-    loss, _ = cascade_loss(model, SCHEDULE, images, labels, torch.Generator().manual_seed(7),
-                           objective=_objective(prediction="x", loss="v"))
-    x_loss, _ = cascade_loss(model, SCHEDULE, images, labels, torch.Generator().manual_seed(7),
-                             objective=_objective(prediction="x", loss="x"))
-    # the same draws, so the same pairs: recompute both from them
-    g = torch.Generator().manual_seed(7)
+class _Truth(torch.nn.Module):
+    """A packed 'network' that outputs the exact target of each training pair it is given (set before the call)."""
+
+    prediction, patch_size, null_class = "x", 2, 10
+
+    def forward(self, xs, timesteps, class_labels=None, return_block=None):
+        return [pair.truth(self.prediction) for pair in self.pairs]
+
+
+def _pairs(images, generator_seed=7):
+    g = torch.Generator().manual_seed(generator_seed)
     stages = SCHEDULE.balanced_stages(12, generator=g)
     t_index = torch.randint(0, 1000, (12,), generator=g)
     idx = [(stages == k).nonzero(as_tuple=True)[0] for k in range(4)]
-    pairs = [SCHEDULE.training_pair(images[i], k, t_index[i], generator=g) for k, i in enumerate(idx)]
+    return idx, [SCHEDULE.training_pair(images[i], k, t_index[i], generator=g) for k, i in enumerate(idx)]
+
+
+def test_x_loss_is_the_clean_image_error_and_the_truth_scores_zero_in_every_space():
+    images, labels = _batch()
+    model = _model("x")
+    x_loss, _ = cascade_loss(model, SCHEDULE, images, labels, torch.Generator().manual_seed(7),
+                             objective=_objective(prediction="x", loss="x"))
+    idx, pairs = _pairs(images)
     preds = model([p.x_t for p in pairs], [p.timestep for p in pairs], class_labels=labels[torch.cat(idx)])
-    x_err = torch.cat([(pred - p.x_end).square().mean(dim=(1, 2, 3)) for pred, p in zip(preds, pairs)])
-    weight = torch.cat([1 / (1 - p.t).clamp_min(TRAIN_MIN_DIVISOR) ** 2 for p in pairs])
-    torch.testing.assert_close(x_loss, x_err.mean())
-    torch.testing.assert_close(loss, (x_err * weight).mean())
+    torch.testing.assert_close(x_loss, torch.cat([(pred - p.clean).square().mean(dim=(1, 2, 3))
+                                                  for pred, p in zip(preds, pairs)]).mean())
+    for prediction in ("x", "eps"):
+        truth = _Truth()
+        truth.prediction, truth.pairs = prediction, pairs
+        for space in ("v", "x", "eps"):
+            loss, _ = cascade_loss(truth, SCHEDULE, images, labels, torch.Generator().manual_seed(7),
+                                   objective=_objective(prediction=prediction, loss=space))
+            assert loss.item() < 1e-10, (prediction, space)
 
 
 def test_stage_fractions_are_honoured():
