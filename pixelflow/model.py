@@ -61,7 +61,7 @@ class PixelFlowTransformer(nn.Module):
     ``forward(x, timestep, text_states=E, text_mask=M)`` with E (B, L, D_text) and a 0/1 mask
     M (B, L). Maps a stage image ``x`` (B, C, s, s) in [-1, 1] and a global timestep T in
     [0, 999] (scalar or (B,)) to its ``prediction`` (B, C, s, s): the velocity ``v`` (published), the stage's
-    end point ``x`` or its start point ``eps`` (:mod:`pixelflow.prediction`; samplers convert it to the velocity
+    clean image ``x`` or its noise ``eps`` (:mod:`pixelflow.prediction`; samplers convert it to the velocity
     they integrate). The stage is told to the network by r = s / patch_size. ``patch_bottleneck``: a
     low-rank patch embedding (:class:`~pixelflow.layers.PatchEmbed`); None keeps the released layout.
     """
