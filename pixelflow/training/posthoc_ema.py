@@ -33,7 +33,7 @@ from pixelflow.atomic import atomic_write_bytes, atomic_write_text
 from pixelflow.checkpoint import model_kwargs
 from pixelflow.training.sharding import is_fsdp
 
-__all__ = ["PostHocEMA", "sigma_rel_to_gamma", "gamma_to_sigma_rel", "power_ema_beta", "snapshot_name",
+__all__ = ["PostHocEMA", "sigma_rel_to_gamma", "gamma_to_sigma_rel", "power_ema_beta", "power_ema_update", "snapshot_name",
            "SNAPSHOT_DIR", "RUN_INFO", "SIGMA_REL_MAX", "SNAPSHOT_DTYPES"]
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,12 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
 def power_ema_beta(gamma: float, t: int) -> float:
     """Decay of EMA update ``t`` (1-based): (1 - 1/t)^(gamma + 1); 0 at t = 1 (the first update copies the weights)."""
     return (1.0 - 1.0 / t) ** (gamma + 1.0)
+
+
+@torch.no_grad()
+def power_ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], gamma: float, t: int) -> None:
+    """Update ``t`` (1-based) of a power-function EMA in place: ema <- beta_t ema + (1 - beta_t) params."""
+    torch._foreach_lerp_(ema, params, 1.0 - power_ema_beta(gamma, t))
 
 
 def snapshot_name(sigma_rel: float, step: int) -> str:
@@ -134,12 +140,11 @@ class PostHocEMA(L.Callback):
         if step % self.snapshot_every == 0 or step == trainer.max_steps:
             self._write_snapshots(pl_module, step)
 
-    @torch.no_grad()
     def _update(self, params: list[torch.Tensor]) -> None:
         self.updates += 1
         fp32 = [p.float() for p in params]
         for ema, gamma in zip(self._emas, self.gammas):
-            torch._foreach_lerp_(ema, fp32, 1.0 - power_ema_beta(gamma, self.updates))
+            power_ema_update(ema, fp32, gamma, self.updates)
 
     @rank_zero_only
     def _write_snapshots(self, pl_module: L.LightningModule, step: int) -> None:
