@@ -47,7 +47,7 @@ def _trajectory(steps=2000, dim=256, seed=0):
 
 def test_between_profiles_matches_a_directly_tracked_ema():
     """sigma_rel 0.08 from snapshots of 0.05 and 0.10 every 100 of 2,000 updates vs a tracked 0.08 EMA: the error is
-    under 3% of the distance between the two tracked EMAs (and 0.05 / 0.10 themselves are reproduced exactly)."""
+    under 0.5% of the distance between the two tracked EMAs (and 0.05 / 0.10 themselves are reproduced exactly)."""
     weights = _trajectory()
     stds = (0.05, 0.10, 0.08)
     emas = [[torch.zeros(weights.shape[1], dtype=torch.float64)] for _ in stds]
@@ -64,7 +64,7 @@ def test_between_profiles_matches_a_directly_tracked_ema():
     recon = torch.from_numpy(x) @ stack
     spread = (emas[0][0] - emas[1][0]).norm()
     assert error < 0.01
-    assert (recon - emas[2][0]).norm() / spread < 0.03
+    assert (recon - emas[2][0]).norm() / spread < 0.005
     for i in (0, 1):
         x, error = solve_coefficients(snapshots, stds[i], 2000)
         torch.testing.assert_close(torch.from_numpy(x) @ stack, emas[i][0], rtol=0, atol=1e-9)
