@@ -193,3 +193,13 @@ def test_classifier_accuracy_scores_only_labelled_text_samples(tmp_path, eval_ca
                     options)["metrics"]["classifier_accuracy"] <= 7 / 12
     none = evaluate(image_set_from_array(images[:12], "n", "3" * 64, np.full(12, -1)), ref, options)
     assert "classifier_accuracy" not in none["metrics"] and "every sample label is -1" in none["unavailable"]["classifier_accuracy"]
+
+
+def test_reproduce_script_refuses_a_sampler_preset_file_outside_a_sampler_folder(tmp_path):
+    preset = tmp_path / "tuned.yaml"
+    preset.write_text("method: euler\n")
+    env = {**os.environ, "PIXELFLOW_CKPT_DIR": str(tmp_path / "ckpt"), "ADM_REF": str(tmp_path / "ref.npz"),
+           "PYTHON": "/bin/false", "SAMPLER": str(preset)}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_imagenet256.sh")], cwd=tmp_path, capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and "expected an existing preset file in a folder named sampler/" in proc.stderr
