@@ -25,7 +25,7 @@ from pixelflow.sampling.sweep import SweepError, SweepOptions, build_cells, eval
 from pixelflow.sampling.sweep_report import write_report
 from pixelflow.sampling.tune_report import write_tune_report
 
-__all__ = ["Candidate", "candidates", "tune_from_config"]
+__all__ = ["Candidate", "candidates", "with_unguided", "tune_from_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,16 @@ def candidates(run: str | Path | None, sigma_rels: list[float], step: int | None
     return out
 
 
+def with_unguided(base: SamplerConfig, axes: Mapping[str, Any]) -> dict[str, Any]:
+    """``axes`` with guidance scale 1 among its guidance scales: every EMA's unguided cell is always measured."""
+    scales = axes.get("guidance_scale")
+    scales = [base.guidance_scale] if scales is None else list(scales) if isinstance(scales, (list, tuple)) else [scales]
+    if 1 not in scales:
+        logger.info("adding guidance_scale 1 to %s: every EMA's unguided cell goes beside its guided ones", scales)
+        scales = [1, *scales]
+    return {**axes, "guidance_scale": scales}
+
+
 def tune_from_config(c: Mapping[str, Any]) -> list[Path]:
     """Run the tuning pass a resolved ``conf/tune.yaml`` describes; returns the combined report's paths."""
     if not c["out_dir"] or not c["ref"]:
@@ -79,9 +89,10 @@ def tune_from_config(c: Mapping[str, Any]) -> list[Path]:
     fabric = Fabric(accelerator=c["accelerator"], devices=1)
     score = reference_scorer(ref, evals)
     results = []
+    axes = with_unguided(base, c["axes"] or {})
     for candidate in todo:
         loaded = load_pixelflow(candidate.path)
-        cells = build_cells(base, c["axes"] or {}, c["num_samples"], loaded.schedule.num_stages)
+        cells = build_cells(base, axes, c["num_samples"], loaded.schedule.num_stages)
         folder = out / "candidates" / candidate.label
         logger.info("candidate %s (%s): %d cell(s)", candidate.label, candidate.path, len(cells))
         found = run_sweep(loaded, cells, folder, score, opts, fabric)

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from pixelflow.metrics.io import load_image_set
 from pixelflow.sampling.samplers import SamplerConfig
 from pixelflow.sampling.sweep import SweepError
-from pixelflow.sampling.tune import candidates, tune_from_config
+from pixelflow.sampling.tune import candidates, tune_from_config, with_unguided
 from pixelflow.sampling.tune_report import best_row, summary_rows
 from pixelflow.training.launch import run_training
 from tests.hydra_utils import compose_config, tiny_train_overrides
@@ -82,6 +82,13 @@ def test_the_best_cell_becomes_a_preset_and_best_json(tuned):
     config = SamplerConfig.from_mapping(preset)
     assert config.guidance_scale == best["sampler"]["guidance_scale"] and config.steps == 1 and config.method == "euler"
     assert f"ckpt={best['checkpoint']}" in (out / "sampler" / "tuned.yaml").read_text()
+
+
+def test_the_unguided_cell_is_always_swept():
+    base = SamplerConfig(guidance_scale=5.0)
+    assert with_unguided(base, {"guidance_scale": [3, 5]})["guidance_scale"] == [1, 3, 5]
+    assert with_unguided(base, {"guidance_scale": [5, 1]})["guidance_scale"] == [5, 1]
+    assert with_unguided(base, {"steps": [4]}) == {"steps": [4], "guidance_scale": [1, 5.0]}
 
 
 def test_sigma_rel_without_a_run_and_nothing_to_tune_are_refused(tmp_path):
