@@ -1,7 +1,8 @@
 """Evaluate samples: `python evaluate.py samples=DIR/samples.npz ref=mnist_test` -> DIR/metrics.json + a table.
 
-FID, sFID, Inception Score, precision/recall (ADM protocol, torch-fidelity's InceptionV3), optional KID,
-and for MNIST the class accuracy and FID of a small cached classifier. See docs/evaluation.md. Progress and
+FID, sFID, Inception Score, precision/recall (ADM protocol, torch-fidelity's InceptionV3; protocol=adm, the
+default, uses ADM's float16 distances and IS splits, protocol=exact float32/float64), optional KID and
+FD-DINOv2 (dinov2_weights=), and for MNIST the class accuracy and FID of a small cached classifier. See docs/evaluation.md. Progress and
 notes come through Python logging, which Hydra's default job logging prints.
 """
 

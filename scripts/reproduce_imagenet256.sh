@@ -15,6 +15,8 @@
 #   $INCEPTION_WEIGHTS  torch-fidelity's weights-inception-2015-12-05-6726825d.pth (needed for IS; optional)
 #   $OUT_DIR (runs/reproduce_imagenet256), $NUM_SAMPLES (50000), $PYTHON (.venv/bin/python), $DEVICE (auto)
 #   $DOWNLOAD=1  fetch whatever is missing (needs network); never done otherwise.
+#   $SAMPLER  a conf/sampler preset name [paper_dopri5], or a preset file DIR/sampler/NAME.yaml (scripts/tune.py writes
+#             DIR/sampler/tuned.yaml); $PROTOCOL  the metric protocol [adm: ADM's evaluator arithmetic] or exact
 # Missing inputs without DOWNLOAD=1 stop the script at once (exit 1) with what to download and where to put it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -34,6 +36,18 @@ NUM_SAMPLES="${NUM_SAMPLES:-50000}"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 DEVICE="${DEVICE:-auto}"
 INCEPTION_WEIGHTS="${INCEPTION_WEIGHTS:-}"
+SAMPLER="${SAMPLER:-paper_dopri5}"
+PROTOCOL="${PROTOCOL:-adm}"
+if [[ "$SAMPLER" == *.yaml ]]; then  # a preset file: its folder sampler/ goes on Hydra's search path
+  if [[ ! -f "$SAMPLER" || "$(basename "$(dirname "$SAMPLER")")" != sampler ]]; then
+    echo "[reproduce] SAMPLER=$SAMPLER: expected an existing preset file in a folder named sampler/ (e.g. DIR/sampler/tuned.yaml" \
+         "from scripts/tune.py), or a conf/sampler preset name" >&2
+    exit 2
+  fi
+  SAMPLER_ARGS=(--config-dir "$(cd "$(dirname "$SAMPLER")/.." && pwd)" "sampler=$(basename "$SAMPLER" .yaml)")
+else
+  SAMPLER_ARGS=("sampler=$SAMPLER")
+fi
 HF_REPO="https://huggingface.co/ShoufaChen/PixelFlow-Class2Image"
 REF_URL="https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz"
 INCEPTION_URL="https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
@@ -92,10 +106,10 @@ if (( ${#missing[@]} )); then
 fi
 
 print_plan
-"$PYTHON" "$ROOT/sample.py" ckpt="$CKPT_DIR/model.pt" num_samples="$NUM_SAMPLES" sampler=paper_dopri5 \
+"$PYTHON" "$ROOT/sample.py" "${SAMPLER_ARGS[@]}" ckpt="$CKPT_DIR/model.pt" num_samples="$NUM_SAMPLES" \
   batch_size=16 precision=auto out_dir="$OUT_DIR" ${OVERRIDES[@]+"${OVERRIDES[@]}"}
 "$PYTHON" "$ROOT/evaluate.py" samples="$OUT_DIR/samples.npz" ref="$REF" device="$DEVICE" \
-  inception_weights="${INCEPTION_WEIGHTS:-null}" out="$OUT_DIR/metrics.json"
+  inception_weights="${INCEPTION_WEIGHTS:-null}" protocol="$PROTOCOL" out="$OUT_DIR/metrics.json"
 "$PYTHON" - "$OUT_DIR/metrics.json" <<'EOF'
 import json, sys
 result = json.load(open(sys.argv[1]))
@@ -104,5 +118,6 @@ print(f"\n{'metric':18s} {'this run':>10s} {'paper':>8s}")
 for key, ref in paper.items():
     ours = result["metrics"].get(key)
     print(f"{key:18s} {'n/a' if ours is None else format(ours, '.3f'):>10s} {ref:8.2f}")
-print(f"({result['protocol']['num_samples']} samples; unavailable: {result['unavailable'] or 'none'})")
+print(f"({result['protocol']['num_samples']} samples, metric protocol {result['protocol']['metric_protocol']}; "
+      f"unavailable: {result['unavailable'] or 'none'})")
 EOF

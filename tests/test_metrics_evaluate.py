@@ -16,6 +16,7 @@ from PIL import Image
 from pixelflow.data.mnist import default_mnist_path
 from pixelflow.metrics import evaluation
 from pixelflow.metrics import fid as M
+from pixelflow.metrics.adm import adm_precision_recall
 from pixelflow.metrics.evaluation import EvalOptions, _extract, evaluate, evaluate_config, feature_cache_key, inception_cache_parts
 from pixelflow.metrics.inception import InceptionFeatures, resolve_inception_weights
 from pixelflow.metrics.io import EvaluationInputError, image_set_from_array, load_image_set, write_adm_npz
@@ -92,7 +93,8 @@ def test_png_samples_against_adm_reference_batch_uses_its_statistics(tmp_path):
     assert result["metrics"]["fid"] == pytest.approx(independent_fid(gen["pool"], ref_f["pool"], mean_b=mu), rel=1e-5)
     assert result["metrics"]["sfid"] == pytest.approx(independent_fid(gen["spatial"], ref_f["spatial"], mean_b=mu_s), rel=1e-5)
     assert result["metrics"]["fid"] != pytest.approx(independent_fid(gen["pool"], ref_f["pool"]), rel=1e-3)
-    assert (result["metrics"]["precision"], result["metrics"]["recall"]) == M.precision_recall(gen["pool"], ref_f["pool"])
+    assert (result["metrics"]["precision"], result["metrics"]["recall"]) == adm_precision_recall(gen["pool"], ref_f["pool"])
+    assert result["protocol"]["metric_protocol"] == "adm"
     assert result["metrics"]["kid"] == pytest.approx(M.kernel_inception_distance(gen["pool"], ref_f["pool"])[0], rel=1e-4)
     assert "precomputed" in result["protocol"]["reference"]["fid_statistics"]
     assert result["protocol"]["sampler_settings"] is None and result["protocol"]["classifier"] is None
@@ -191,3 +193,13 @@ def test_classifier_accuracy_scores_only_labelled_text_samples(tmp_path, eval_ca
                     options)["metrics"]["classifier_accuracy"] <= 7 / 12
     none = evaluate(image_set_from_array(images[:12], "n", "3" * 64, np.full(12, -1)), ref, options)
     assert "classifier_accuracy" not in none["metrics"] and "every sample label is -1" in none["unavailable"]["classifier_accuracy"]
+
+
+def test_reproduce_script_refuses_a_sampler_preset_file_outside_a_sampler_folder(tmp_path):
+    preset = tmp_path / "tuned.yaml"
+    preset.write_text("method: euler\n")
+    env = {**os.environ, "PIXELFLOW_CKPT_DIR": str(tmp_path / "ckpt"), "ADM_REF": str(tmp_path / "ref.npz"),
+           "PYTHON": "/bin/false", "SAMPLER": str(preset)}
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_imagenet256.sh")], cwd=tmp_path, capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and "expected an existing preset file in a folder named sampler/" in proc.stderr

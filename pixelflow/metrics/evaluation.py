@@ -24,6 +24,8 @@ from tqdm import tqdm
 
 from pixelflow.atomic import atomic_save_npz, atomic_write_text
 from pixelflow.metrics import fid as M
+from pixelflow.metrics.adm import adm_inception_score, adm_precision_recall
+from pixelflow.metrics.dinov2 import DINOV2_INPUT_SIZE, DINOv2Features
 from pixelflow.metrics.inception import (
     EXTRACTOR_NAME,
     PRECISION,
@@ -36,10 +38,14 @@ from pixelflow.metrics.io import EvaluationInputError, ImageSet, load_image_set
 from pixelflow.metrics.mnist_classifier import RECIPE, classify, load_or_train_classifier
 from pixelflow.metrics.references import default_num_ref, is_mnist_reference, resolve_reference
 
-__all__ = ["EvalOptions", "feature_cache_key", "inception_cache_parts", "evaluate", "evaluate_config", "format_table", "write_metrics"]
+__all__ = ["EvalOptions", "PROTOCOLS", "feature_cache_key", "inception_cache_parts", "dinov2_cache_parts", "evaluate",
+           "evaluate_config", "format_table", "write_metrics"]
 
 logger = logging.getLogger(__name__)
 FEATURE_CACHE_VERSION = 1
+# adm: ADM's evaluator arithmetic (float16 k-NN distances where they fit, IS over consecutive splits of 5,000, the
+# last shorter; pixelflow.metrics.adm); exact: float32 distances and torch-fidelity's ceil(N / 5,000) equal IS parts.
+PROTOCOLS = ("adm", "exact")
 
 
 @dataclass
@@ -55,6 +61,8 @@ class EvalOptions:
     num_ref: int | None = None
     classifier: bool = False
     inception: bool = True  # False: only the MNIST classifier metrics (needs classifier=True)
+    protocol: str = "adm"  # one of PROTOCOLS: how precision/recall and IS are computed
+    dinov2_weights: str | None = None  # a local timm DINOv2 ViT file: adds FD-DINOv2
 
 
 def _device(name: str) -> str:
@@ -99,6 +107,11 @@ def inception_cache_parts(ref_sha256: str, num_ref: int, weights_sha256: str, de
     return ["inception", ref_sha256, num_ref, weights_sha256, torch.device(device).type, PRECISION]
 
 
+def dinov2_cache_parts(ref_sha256: str, num_ref: int, weights_sha256: str, device: str | torch.device) -> list[Any]:
+    """What a reference's DINOv2 features depend on (as :func:`inception_cache_parts`, with the DINOv2 weights)."""
+    return ["dinov2", ref_sha256, num_ref, weights_sha256, torch.device(device).type, "fp32", DINOV2_INPUT_SIZE]
+
+
 def _cached(cache: Path, parts: list[Any], compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     path = cache / "features" / f"{feature_cache_key(parts)}.npz"
     if path.is_file():
@@ -115,8 +128,12 @@ def _cached(cache: Path, parts: list[Any], compute: Callable[[], dict[str, np.nd
 
 def evaluate(samples: ImageSet, ref: ImageSet, opts: EvalOptions) -> dict[str, Any]:
     """All metrics of ``samples`` against ``ref``; see the module docstring for the result's layout."""
-    if not (opts.inception or opts.classifier):
+    if not (opts.inception or opts.classifier or opts.dinov2_weights):
         raise EvaluationInputError("inception=false and classifier=false leave no metric to compute; enable one of them")
+    if opts.protocol not in PROTOCOLS:
+        raise EvaluationInputError(f"protocol={opts.protocol!r}: use adm (ADM's evaluator arithmetic, the default) or exact "
+                                   "(float32 distances, torch-fidelity's IS splits)")
+    adm = opts.protocol == "adm"
     device, cache = _device(opts.device), Path(opts.cache_dir) if opts.cache_dir else default_cache_dir()
     n_samples, n_ref = _count(samples, opts.num_samples, "samples"), _count(ref, opts.num_ref, "reference")
     metrics: dict[str, float] = {}
@@ -141,16 +158,29 @@ def evaluate(samples: ImageSet, ref: ImageSet, opts: EvalOptions) -> dict[str, A
         metrics["fid"] = M.frechet_distance(M.feature_statistics(gen["pool"]), ref_pool)
         metrics["sfid"] = M.frechet_distance(M.feature_statistics(gen["spatial"]), ref_spatial)
         if "logits" in gen:
-            metrics["inception_score"], metrics["inception_score_std"] = M.inception_score(gen["logits"])
+            score = adm_inception_score if adm else M.inception_score
+            metrics["inception_score"], metrics["inception_score_std"] = score(gen["logits"])
         else:
             unavailable["inception_score"] = ("the offline Inception weights (pool3 only) have no classifier layer; pass inception_weights="
                                               "/path/to/weights-inception-2015-12-05-6726825d.pth (torch-fidelity's full weights)")
         if min(n_samples, n_ref) > M.PR_NEIGHBOURHOOD:
-            metrics["precision"], metrics["recall"] = M.precision_recall(gen["pool"], real["pool"])
+            metrics["precision"], metrics["recall"] = (adm_precision_recall if adm else M.precision_recall)(gen["pool"], real["pool"])
         else:
             unavailable["precision"] = unavailable["recall"] = f"needs more than {M.PR_NEIGHBOURHOOD} sample and reference images"
         if opts.kid:
             metrics["kid"], metrics["kid_std"] = M.kernel_inception_distance(gen["pool"], real["pool"])
+
+    dinov2_info = None
+    if opts.dinov2_weights:
+        encoder = DINOv2Features(opts.dinov2_weights, device)
+        gen_d, timing["sample_dinov2_seconds"] = _extract(encoder.extract, samples, n_samples, opts.batch_size, "DINOv2 features (samples)")
+        real_d = _cached(cache, dinov2_cache_parts(ref.sha256, n_ref, encoder.sha256, device),
+                         lambda: _extract(encoder.extract, ref, n_ref, opts.batch_size, "DINOv2 features (reference)")[0])
+        metrics["fd_dinov2"] = M.frechet_distance(M.feature_statistics(gen_d["dinov2"]), M.feature_statistics(real_d["dinov2"]))
+        dinov2_info = {"weights_path": str(encoder.path), "weights_sha256": encoder.sha256, "width": encoder.width,
+                       "feature": "class token after the final norm",
+                       "input": f"bicubic (antialiased) resize to {DINOV2_INPUT_SIZE} x {DINOV2_INPUT_SIZE}, ImageNet mean/std",
+                       "precision": "fp32 (strict)", "device": device}
 
     classifier_info = None
     if opts.classifier:
@@ -190,17 +220,23 @@ def evaluate(samples: ImageSet, ref: ImageSet, opts: EvalOptions) -> dict[str, A
                                               "NHWC-flattened (2023)",
                               "has_logits": weights.has_logits, "device": device,
                               "precision": f"{PRECISION} (strict: TF32 off, no autocast)"},
-        "metric_settings": {"precision_recall": f"k={M.PR_NEIGHBOURHOOD} nearest-neighbour manifolds on pool3 (ADM / Kynkaanniemi et al.)",
-                            "inception_score": f"unbiased logits, splits of {M.IS_SPLIT_SIZE} consecutive samples",
+        "metric_protocol": opts.protocol,
+        "metric_settings": {"precision_recall": f"k={M.PR_NEIGHBOURHOOD} nearest-neighbour manifolds on pool3 (ADM / Kynkaanniemi et al.), "
+                                                + ("squared distances in float16 where finite, else float32, per 10,000 x 10,000 "
+                                                   "block (ADM's evaluator)" if adm else "float32 distances (torch-fidelity)"),
+                            "inception_score": "unbiased logits, " + (f"consecutive splits of {M.IS_SPLIT_SIZE}, the last shorter, "
+                                               "float32 (ADM's evaluator)" if adm else
+                                               f"ceil(N / {M.IS_SPLIT_SIZE}) equal consecutive parts, float64 (torch-fidelity)"),
                             "kid": "polynomial kernel, 100 subsets of min(1000, N)" if opts.kid else None},
         "classifier": classifier_info,
+        "dinov2": dinov2_info,
         "options": asdict(opts),
     }
     return {"metrics": metrics, "unavailable": unavailable, "protocol": protocol, "timing": timing}
 
 
 _ROWS = [("fid", "FID (Inception pool3)"), ("sfid", "sFID (Inception mixed_6/conv)"), ("inception_score", "Inception Score"),
-         ("precision", "Precision (k=3)"), ("recall", "Recall (k=3)"), ("kid", "KID"),
+         ("precision", "Precision (k=3)"), ("recall", "Recall (k=3)"), ("kid", "KID"), ("fd_dinov2", "FD-DINOv2"),
          ("classifier_accuracy", "MNIST classifier accuracy"), ("classifier_fid", "MNIST classifier FID")]
 
 
@@ -213,7 +249,8 @@ def format_table(result: dict[str, Any]) -> str:
         elif key in result["unavailable"]:
             lines.append(f"{label:32s} unavailable: {result['unavailable'][key]}")
     p = result["protocol"]
-    lines.append(f"({p['num_samples']} samples vs {p['reference']['num_images']} reference images: {p['reference']['path']})")
+    lines.append(f"({p['num_samples']} samples vs {p['reference']['num_images']} reference images: {p['reference']['path']}; "
+                 f"protocol {p['metric_protocol']})")
     return "\n".join(lines)
 
 
@@ -239,6 +276,7 @@ def evaluate_config(cfg: Mapping[str, Any]) -> tuple[dict[str, Any], Path]:
     opts = EvalOptions(batch_size=cfg["batch_size"], device=cfg["device"], inception_weights=cfg["inception_weights"],
                        cache_dir=cfg["cache_dir"], kid=bool(cfg["kid"]), num_samples=cfg["num_samples"],
                        num_ref=default_num_ref(ref_name, cfg["num_ref"]), inception=bool(cfg["inception"]),
+                       protocol=str(cfg["protocol"]), dinov2_weights=cfg["dinov2_weights"],
                        classifier=is_mnist_reference(ref_name) if cfg["classifier"] == "auto" else bool(cfg["classifier"]))
     result = evaluate(samples, ref, opts)
     out = Path(cfg["out"]) if cfg["out"] else (samples_path if samples_path.is_dir() else samples_path.parent) / "metrics.json"

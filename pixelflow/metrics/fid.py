@@ -1,15 +1,16 @@
 """Sample-quality maths on precomputed features: FID / sFID, Inception Score, precision-recall, KID.
 
 All of it is torch-fidelity's implementation, called with ADM's (openai/guided-diffusion
-``evaluations/evaluator.py``) settings:
+``evaluations/evaluator.py``) settings; this is the ``exact`` metric protocol (float32 / float64 arithmetic).
+ADM's own arithmetic for precision/recall and IS (the default ``adm`` protocol) is :mod:`pixelflow.metrics.adm`:
 
 * Frechet distance: torch-fidelity's ``fid_statistics_to_metric`` on float64 mean / covariance.
-* Inception Score: softmax of the *unbiased* logits (pool3 @ W, as ADM), splits of 5,000 consecutive samples,
-  no shuffling: identical to ADM for N a multiple of 5,000 (50k -> 10 splits).
+* Inception Score: softmax of the *unbiased* logits (pool3 @ W, as ADM), float64, ceil(N / 5,000) near-equal
+  consecutive parts, no shuffling: ADM's splits for N a multiple of 5,000 (50k -> 10 splits).
 * Precision / recall (Kynkaanniemi et al. 2019, ADM's definition): k=3 nearest-neighbour balls; precision is
   the fraction of samples inside the reference manifold, recall the fraction of references inside the
-  sample manifold. (ADM compares squared distances computed in float16 where finite; torch-fidelity uses
-  float32 distances, so counts can differ for points within fp16 rounding of a ball's border.)
+  sample manifold, on float32 distances (ADM's float16 ones can count a point within float16 rounding of a
+  ball's border differently).
 * KID: torch-fidelity's unbiased MMD with a cubic polynomial kernel over random subsets.
 """
 

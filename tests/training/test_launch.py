@@ -82,8 +82,10 @@ def test_quickstart_without_callbacks_builds_a_trainer_without_them(tmp_path, ca
                         f"paths.root_dir={tmp_path}")
     trainer, _, _ = build_training(cfg)
     assert not [c for c in trainer.callbacks
-                if type(c).__module__.startswith(("pixelflow.training.callbacks", "pixelflow.training.eval_callback"))]
-    assert "callbacks=none: ignoring callbacks.checkpoint, callbacks.evaluate, callbacks.sample_grid" in caplog.text
+                if type(c).__module__.startswith(("pixelflow.training.callbacks", "pixelflow.training.eval_callback",
+                                                  "pixelflow.training.posthoc_ema"))]
+    assert ("callbacks=none: ignoring callbacks.checkpoint, callbacks.evaluate, callbacks.posthoc_ema, "
+            "callbacks.sample_grid") in caplog.text
 
 
 def test_settings_for_a_callback_the_option_does_not_define_fail_at_start_up_naming_it(tmp_path):
