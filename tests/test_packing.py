@@ -93,7 +93,7 @@ def test_cascade_loss_pairs_each_stage_with_its_own_labels():
 
     loss, per_stage = cascade_loss(model, schedule, images, labels, torch.Generator().manual_seed(4), 0.3)
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
-    assert sorted(per_stage) == [0, 1, 2, 3]
+    assert sorted(per_stage) == ["stage0", "stage1", "stage2", "stage3"]
 
 
 def test_bad_packings_are_clear_errors():
