@@ -3,6 +3,7 @@
 import logging
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from pixelflow.demo.app import launch
@@ -13,7 +14,7 @@ from pixelflow.host_memory import keep_freed_memory
 def main(cfg: DictConfig) -> None:
     keep_freed_memory()  # CPU sampling: no page faults on every large tensor (pixelflow/host_memory.py)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up probes, one line per request
-    launch(cfg)
+    launch(cfg, HydraConfig.get().overrides.task)  # a named sampler preset wins over a checkpoint's recorded one
 
 
 if __name__ == "__main__":

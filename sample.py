@@ -1,26 +1,30 @@
 """Generate samples from a project checkpoint or the released model.pt; see conf/sample.yaml."""
 
+import logging
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from lightning.fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 
 from pixelflow.checkpoint import CheckpointError, load_pixelflow
 from pixelflow.host_memory import keep_freed_memory
+from pixelflow.sampling.choice import choose_sampler
 from pixelflow.sampling.generate import generate
 from pixelflow.sampling.prompts import prompt_set
-from pixelflow.sampling.samplers import SamplerConfig
 
 
 @hydra.main(config_path="conf", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     keep_freed_memory()  # CPU sampling: no page faults on every large tensor (pixelflow/host_memory.py)
     try:
-        sampler = SamplerConfig.from_mapping(OmegaConf.to_container(cfg.sampler, resolve=True))
         loaded = load_pixelflow(cfg.ckpt, cfg.config, allow_download=cfg.allow_download, ema=cfg.ema)
+        sampler, source = choose_sampler(OmegaConf.to_container(cfg.sampler, resolve=True), loaded.sampler,
+                                         HydraConfig.get().overrides.task)
     except (ValueError, CheckpointError) as err:
         sys.exit(f"error: {err}")
+    logging.getLogger(__name__).info("sampler (%s): %s", source, sampler)
     fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices)
     fabric.launch()
     classes = list(cfg.classes) if cfg.classes is not None else None

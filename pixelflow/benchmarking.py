@@ -67,6 +67,7 @@ class BenchmarkConfig:
     methods: tuple[str, ...] = METHODS
     repeats: int = 3  # sampling: timed runs per method (after one warm-up)
     ckpt: str | None = None  # sampling: a checkpoint or export to sample from (default: ``model``, initial weights)
+    recorded_sampler: bool = True  # sampling a checkpoint that records its sampler (a distilled student): time that one
     compile: bool = False  # sampling: torch.compile the network first
     peak_tflops: float | None = None  # device peak for MFU (default: pixelflow.profiling.PEAK_BF16_TFLOPS)
     assumed_mfu: tuple[float, ...] = (0.3, 0.4, 0.5)  # meta device: images/s estimated at these MFUs
@@ -253,6 +254,10 @@ def _sampling_benchmark(config: BenchmarkConfig) -> dict:
         torch.set_float32_matmul_precision("high")
     precision = resolve_precision(config.sample_precision, device)
     sampler_configs = {m: SamplerConfig(method=m, steps=config.sample_steps, guidance_scale=config.guidance_scale) for m in config.methods}
+    if config.ckpt and loaded.sampler and config.recorded_sampler:  # what the student was distilled for, not the flags
+        recorded = SamplerConfig.from_mapping(loaded.sampler, where="the checkpoint's recorded sampler")
+        sampler_configs = {recorded.method: recorded}
+    first = next(iter(sampler_configs.values()))
     compile_seconds = None
     if config.compile:  # once, for every method's shapes; the timed runs below are then steady state
         shapes = sampling_shapes(schedule, sampler_configs.values(), [config.sample_batch])
@@ -262,8 +267,8 @@ def _sampling_benchmark(config: BenchmarkConfig) -> dict:
     return {"model": None if config.ckpt else config.model, "weights": weights,
             "params": sum(p.numel() for p in model.parameters()), "image_size": schedule.image_size,
             "num_stages": schedule.num_stages, **_machine(device), "host_memory_kept": host_memory_kept,
-            "sampling": {"batch": config.sample_batch, "precision": precision, "steps_per_stage": config.sample_steps,
-                         "guidance_scale": config.guidance_scale, "timed_runs": config.repeats, "compile": config.compile,
+            "sampling": {"batch": config.sample_batch, "precision": precision, "steps_per_stage": first.steps,
+                         "guidance_scale": first.guidance_scale, "timed_runs": config.repeats, "compile": config.compile,
                          "compile_seconds": compile_seconds, "methods": methods}}
 
 

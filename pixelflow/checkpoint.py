@@ -50,6 +50,7 @@ class LoadedModel:
     source: str
     text_encoder: dict[str, Any] | None = None  # T2I: config.yaml's text_encoder (source, max_length), else None
     objective: dict[str, Any] | None = None  # the training objective as recorded (None: not recorded, e.g. released)
+    sampler: dict[str, Any] | None = None  # the sampler it was trained for (a distilled student's), else None
 
 
 def model_kwargs(model: PixelFlowTransformer) -> dict[str, Any]:
@@ -170,7 +171,7 @@ def _load_released(path: Path, config_path: Path | None) -> LoadedModel:
         raise CheckpointError(f"{path} is not a flat state_dict of tensors")
     names = cfg.get("class_names")
     return LoadedModel(_build_and_load(state, kwargs, path), schedule, names, str(path), cfg.get("text_encoder"),
-                       cfg.get("objective"))
+                       cfg.get("objective"), cfg.get("sampler"))
 
 
 def _ema_prefix(meta: dict[str, Any], path: Path, ema: float | None) -> str:
@@ -197,7 +198,7 @@ def _load_project(path: Path, ema: float | None = None) -> LoadedModel:
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     schedule = CascadeSchedule(**meta["schedule"])
     return LoadedModel(_build_and_load(state, meta["model"], path), schedule, meta.get("class_names"), str(path),
-                       meta.get("text_encoder"), meta.get("objective"))
+                       meta.get("text_encoder"), meta.get("objective"), meta.get("sampler"))
 
 
 def ema_export_name(decay: float) -> str:
@@ -240,11 +241,12 @@ def load_pixelflow(path: str | Path, config: str | Path | None = None, allow_dow
 def export_released_format(model: PixelFlowTransformer, schedule: CascadeSchedule, out_dir: str | Path,
                            class_names: list[str] | None = None, filename: str = "model.pt",
                            ema_decays: list[float] | None = None, text_encoder: dict[str, Any] | None = None,
-                           objective: dict[str, Any] | None = None) -> Path:
+                           objective: dict[str, Any] | None = None, sampler: dict[str, Any] | None = None) -> Path:
     """Write ``filename`` and the same flat fp32 state_dict as ``<stem>.safetensors`` beside it, and ``config.yaml``,
     in the released layout (plus the run's ``ema_decays``, the first of which is ``model.pt``, a T2I model's
     ``text_encoder``: its ``source`` (a folder, relative to ``out_dir`` or absolute, or a Hugging Face name) and
-    ``max_length``, and the training ``objective`` as recorded; what the network predicts is in ``model.params``)."""
+    ``max_length``, the training ``objective`` as recorded and, for a distilled student, the ``sampler`` it was
+    distilled for; what the network predicts is in ``model.params``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -261,5 +263,7 @@ def export_released_format(model: PixelFlowTransformer, schedule: CascadeSchedul
         cfg["text_encoder"] = dict(text_encoder)
     if objective:
         cfg["objective"] = dict(objective)
+    if sampler:
+        cfg["sampler"] = dict(sampler)
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(cfg)))
     return out / filename

@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchmarkConfig, Path | N
     p.add_argument("--repeats", type=int, default=d.repeats, help="--sampling: timed runs per method (after one warm-up)")
     p.add_argument("--ckpt", default=d.ckpt, help="--sampling: a checkpoint or export to sample from (its size and "
                    "stages; default: --model with initial weights)")
+    p.add_argument("--preset-sampler", dest="recorded_sampler", action="store_false", help="--sampling a checkpoint that "
+                   "records its sampler (a distilled student): time --methods/--sample-steps/--guidance-scale instead of it")
     p.add_argument("--compile", action="store_true", help="--sampling: torch.compile the network first "
                    "(pixelflow/sampling/compile.py; its time is compile_seconds, apart from the per-method speeds)")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON to this file")

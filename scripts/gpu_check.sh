@@ -24,9 +24,11 @@
 #                    batch 16 bf16; Euler 10 on 2 images bf16 vs fp32; Dopri5 batch 4 bf16
 #   text_memory      --part text: T2I-XL/4 1024 px bf16, 1 step a stage, batch 1 and 3         30 s     70 s
 #   training         --part train: imagenet256_xl4_24gb, XL/4 micro-batch 32, 2 steps          25 s     60 s
+#   distill          --part distill: 2 teacher pairs (AB2 8 a stage, guidance 2.4, bf16), then    30 s     70 s
+#                    reflow steps of imagenet256_xl4_distill (micro-batch 32, ckpt, bf16)
 #   compile_eager    scripts/benchmark.py --sampling: S/4 256 px bf16, Euler 10, batch 8        15 s     40 s
 #   compile_compiled the same with --compile (4 shapes, compile time reported apart)          75 s    140 s
-#   total                                                                                  260 s    565 s
+#   total                                                                                  290 s    635 s
 # Method: time = FLOPs / (assumed MFU x peak) + per-process start. FLOPs counted exactly on the meta device
 # (torch FlopCounterMode, one row through each stage): XL/4 0.058, 0.237, 1.049, 5.819 TFLOP at 32-256 px;
 # T2I-XL/4 (512 text tokens) 1.40, 6.83, 52.9, 627 TFLOP at 128-1024 px; S/4 0.003-0.48 TFLOP; training
@@ -60,9 +62,9 @@ SITE="${TMPDIR:-/tmp}/pixelflow-gpu-check-site"   # the wheels' --target folder
 export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 cd "$ROOT"
 
-STEPS=(wheels gpu_tests sampling text_memory training compile_eager compile_compiled)
-declare -A ESTIMATE=([wheels]=15 [gpu_tests]=45 [sampling]=55 [text_memory]=30 [training]=25 [compile_eager]=15 [compile_compiled]=75)
-declare -A TIMEOUT=([wheels]=45 [gpu_tests]=100 [sampling]=110 [text_memory]=70 [training]=60 [compile_eager]=40 [compile_compiled]=140)
+STEPS=(wheels gpu_tests sampling text_memory training distill compile_eager compile_compiled)
+declare -A ESTIMATE=([wheels]=15 [gpu_tests]=45 [sampling]=55 [text_memory]=30 [training]=25 [distill]=30 [compile_eager]=15 [compile_compiled]=75)
+declare -A TIMEOUT=([wheels]=45 [gpu_tests]=100 [sampling]=110 [text_memory]=70 [training]=60 [distill]=70 [compile_eager]=40 [compile_compiled]=140)
 BUDGET="${GPU_CHECK_BUDGET_S:-570}"
 if (( DRY_RUN )); then
   for s in "${STEPS[@]}"; do TIMEOUT[$s]=600; done
@@ -139,6 +141,7 @@ set_command() {  # step, its JSON output: sets cmd
     sampling) cmd=("$PYTHON" scripts/gpu_check.py "${DRY[@]}" --part sampling --out "$2") ;;
     text_memory) cmd=("$PYTHON" scripts/gpu_check.py "${DRY[@]}" --part text --out "$2") ;;
     training) cmd=("$PYTHON" scripts/gpu_check.py "${DRY[@]}" --part train --out "$2") ;;
+    distill) cmd=("$PYTHON" scripts/gpu_check.py "${DRY[@]}" --part distill --out "$2") ;;
     compile_eager) cmd=("$PYTHON" scripts/benchmark.py "${BENCH[@]}" --out "$2") ;;
     compile_compiled) cmd=("$PYTHON" scripts/benchmark.py "${BENCH[@]}" --compile --out "$2") ;;
   esac

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from pixelflow.checkpoint import CheckpointError
@@ -23,7 +24,7 @@ from pixelflow.sampling.sweep import sweep_from_config
 def main(cfg: DictConfig) -> None:
     keep_freed_memory()  # CPU sampling: no page faults on every large tensor (pixelflow/host_memory.py)
     try:
-        paths = sweep_from_config(OmegaConf.to_container(cfg, resolve=True))
+        paths = sweep_from_config(OmegaConf.to_container(cfg, resolve=True), sampler_overrides=HydraConfig.get().overrides.task)
     except (ValueError, CheckpointError, FileNotFoundError) as err:  # SweepError, EvaluationInputError, generate's checks
         sys.exit(f"error: {err}")
     print(paths[1].read_text())

@@ -1,5 +1,5 @@
-"""scripts/benchmark.py, scripts/estimate_memory.py and scripts/gpu_check.sh run as commands on tiny settings and
-print valid JSON."""
+"""scripts/benchmark.py, scripts/estimate_memory.py, scripts/gpu_check.sh and scripts/plot_sweeps.py run as commands on
+tiny settings: valid JSON (a PNG for the plot) and clear errors."""
 
 import json
 import subprocess
@@ -63,3 +63,18 @@ def test_sampling_memory_model_predicts_whole_runs():
     assert rows["bf16", 16]["fits_24gb"] and not rows["bf16", 100]["fits_24gb"] and rows["bf16", 100]["fits_40gb"]
     assert rows["fp32", 16]["peak_allocated"] > rows["bf16", 16]["peak_allocated"]
 
+
+
+def test_plot_sweeps_overlays_each_sweeps_methods_and_names_a_bad_folder(tmp_path):
+    columns = "method,steps,model_calls_per_image,classifier_fid\n"
+    for name, rows in (("teacher", "euler,10,70,19.7\neuler,4,28,21.0\ndopri5,2,447,19.8\n"), ("student", "ab2,2,8,19.8\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.csv").write_text(columns + rows)
+    out = tmp_path / "plots" / "calls.png"
+    proc = _script("plot_sweeps.py", f"teacher={tmp_path / 'teacher'}", f"student={tmp_path / 'student'}", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 series" in proc.stdout and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = _script("plot_sweeps.py", f"x={tmp_path / 'absent'}", "--out", str(out))
+    assert missing.returncode != 0 and "does not exist: pass a folder written by scripts/sweep_sampler.py" in missing.stderr
+    metric = _script("plot_sweeps.py", f"x={tmp_path / 'student'}", "--metric", "fid", "--out", str(out))
+    assert metric.returncode != 0 and "has no column 'fid'" in metric.stderr

@@ -5,6 +5,8 @@ import json
 import pytest
 
 from pixelflow.benchmarking import BenchmarkConfig, run_benchmark
+from pixelflow.cascade import CascadeSchedule
+from pixelflow.checkpoint import export_released_format
 from pixelflow.sampling.integrators import model_calls
 
 
@@ -83,3 +85,17 @@ def test_training_benchmark_with_the_gpu_recipes_options():
     assert train["images_per_s"] > 0 and train["flops_per_image"] > 0 and train["peak_memory_bytes"] > 0
     plain = run_benchmark(BenchmarkConfig(model="Test/2", micro_batch=4, steps=1, sample_batch=0, padding=False))
     assert train["flops_per_image"] > plain["train"]["flops_per_image"]  # checkpointing recomputes each block's forward
+
+
+def test_sampling_benchmark_times_a_checkpoints_recorded_sampler(tmp_path, tiny_model):
+    """A distilled student's export records its sampler: the benchmark times that one unless told otherwise."""
+    recorded = {"method": "ab2", "steps": 2, "shift": 1.0, "guidance_scale": 1.0, "guidance_interval": None}
+    ckpt = export_released_format(tiny_model, CascadeSchedule(image_size=32), tmp_path / "student", sampler=recorded)
+    result = run_benchmark(BenchmarkConfig(sampling=True, ckpt=str(ckpt), sample_batch=2, repeats=1))
+    sampling = result["sampling"]
+    assert list(sampling["methods"]) == ["ab2"] and sampling["methods"]["ab2"]["model_calls_per_image"] == 8
+    assert (sampling["steps_per_stage"], sampling["guidance_scale"]) == (2, 1.0)
+    flags = run_benchmark(BenchmarkConfig(sampling=True, ckpt=str(ckpt), sample_batch=2, repeats=1, methods=("euler",),
+                                          recorded_sampler=False))
+    assert list(flags["sampling"]["methods"]) == ["euler"] and flags["sampling"]["steps_per_stage"] == 2
+    assert flags["sampling"]["methods"]["euler"]["model_calls_per_image"] == 2 * (1 + 3 * 2)  # guidance 4 doubles 3 stages

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-STEPS = ["wheels", "gpu_tests", "sampling", "text_memory", "training", "compile_eager", "compile_compiled"]
+STEPS = ["wheels", "gpu_tests", "sampling", "text_memory", "training", "distill", "compile_eager", "compile_compiled"]
 
 
 def run_check(report: Path, *args: str, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -79,6 +79,9 @@ def test_dry_run_writes_a_complete_report_with_every_steps_result(tmp_path):
     text = steps["text_memory"]["result"]
     assert text["model"] == "T2I-Test/2" and 0 < text["batch_1"]["estimated_peak_gib"] < text["batch_2"]["estimated_peak_gib"]
     assert steps["training"]["result"]["train"]["images_per_s"] > 0
+    distill = steps["distill"]["result"]
+    assert distill["teacher_pairs_bf16"]["method"] == "ab2" and distill["teacher_pairs_bf16"]["seconds_per_image"] > 0
+    assert distill["reflow_steps"]["seconds_per_step"] > 0 and distill["reflow_steps"]["loss"] > 0
     compiled = report["compiled_sampling"]
     assert compiled["model"] == "Test/2" and compiled["compile_seconds"] > 0 and compiled["speedup"] > 0
 

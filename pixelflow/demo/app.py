@@ -13,7 +13,8 @@ import tempfile
 import time
 import uuid
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ __all__ = ["build_demo", "launch"]
 
 log = logging.getLogger(__name__)
 
+METHOD_NAMES = {"euler": "Euler", "heun": "Heun", "ab2": "AB2", "dopri5": "Dopri5"}  # the status line's
 _PROGRESS = gr.Progress()  # gradio swaps in a per-request tracker for a parameter defaulting to a Progress
 _ZIP_MAX_AGE_S = 600  # per-request zip folders older than this are removed (gradio keeps its own copy)
 
@@ -103,7 +105,7 @@ def _generate_handler(dm: DemoModel, display_size: int, zip_root: Path):
         folder = zip_root / uuid.uuid4().hex
         folder.mkdir()
         zip_path = write_zip(result, folder / f"{request.file_stem}.zip", dm.source)
-        method = "Dopri5" if request.dopri5 else f"Euler, steps {'/'.join(map(str, request.steps))}"
+        method = "Dopri5" if request.dopri5 else f"{METHOD_NAMES[dm.fixed_method]}, steps {'/'.join(map(str, request.steps))}"
         status = (f"{request.num_images} image(s) {subject} · seed {request.seed} · {method} · "
                   f"guidance {request.guidance_scale:g} · shift {request.shift:g} · {sum(result.nfe)} model calls · "
                   f"{result.seconds:.1f} s")
@@ -151,8 +153,11 @@ def _controls(dm: DemoModel, init: Mapping[str, Any]) -> list[gr.components.Comp
     return [*conditions, dopri5, shift, guidance_scale, *steps, seed, num_images]
 
 
-def build_demo(cfg: Mapping[str, Any]) -> gr.Blocks:
-    """The page for ``cfg``; if the checkpoint is missing or unreadable, a page that says how to get one."""
+def build_demo(cfg: Mapping[str, Any], sampler_overrides: Sequence[str] = ()) -> gr.Blocks:
+    """The page for ``cfg``; if the checkpoint is missing or unreadable, a page that says how to get one.
+
+    A checkpoint's recorded sampler (a distilled student's) sets the controls unless the command line named a
+    preset (``sampler=NAME`` in ``sampler_overrides``, the Hydra task overrides)."""
     display_size = _positive_int(cfg, "display_size")
     hub = str(cfg["ckpt"]).startswith(HUB_PREFIX)  # hf://owner/name: huggingface_hub's cache resolves it
     path = Path(cfg["ckpt"]) if hub else resolve_path(cfg["ckpt"])
@@ -166,7 +171,8 @@ def build_demo(cfg: Mapping[str, Any]) -> gr.Blocks:
         try:
             dm = DemoModel.load(str(cfg["ckpt"]) if hub else path, resolve_path(cfg["config"]) if cfg.get("config") else None,
                                 cfg["device"], _positive_int(cfg, "max_images"), bool(cfg.get("allow_download", False)),
-                                cfg.get("ema"), cfg.get("precision", "auto"), cfg.get("text_encoder"), sampler)
+                                cfg.get("ema"), cfg.get("precision", "auto"), cfg.get("text_encoder"),
+                                asdict(sampler), sampler_overrides)
         except CheckpointError as err:
             problem = checkpoint_help(cfg["ckpt"] if hub else path, str(err))
     if dm is None:
@@ -176,9 +182,9 @@ def build_demo(cfg: Mapping[str, Any]) -> gr.Blocks:
         log.info("loaded %s (%s, %s px, %s)", dm.source, kind, dm.stage_sides[-1], dm.device)
         if cfg.get("compile", False):
             num_images = int(cfg["controls"]["num_images"])
-            seconds = dm.compile(num_images, sampler.guidance_scale)
+            seconds = dm.compile(num_images, dm.sampler.guidance_scale)
             log.info("compiled the network in %.1f s (warmed for %s image(s) at guidance %s)", seconds, num_images,
-                     sampler.guidance_scale)
+                     dm.sampler.guidance_scale)
     with gr.Blocks(title="PixelFlow demo", analytics_enabled=bool(cfg.get("analytics", False)),
                    delete_cache=(3600, 3600)) as demo:
         if dm is None:
@@ -204,10 +210,11 @@ def build_demo(cfg: Mapping[str, Any]) -> gr.Blocks:
     return demo
 
 
-def launch(cfg: Mapping[str, Any], **launch_kwargs: Any) -> gr.Blocks:
-    """Build and serve the demo on ``cfg.host:cfg.port``; extra keyword arguments go to ``Blocks.launch``."""
+def launch(cfg: Mapping[str, Any], sampler_overrides: Sequence[str] = (), **launch_kwargs: Any) -> gr.Blocks:
+    """Build and serve the demo on ``cfg.host:cfg.port`` (see :func:`build_demo`); extra keyword arguments go to
+    ``Blocks.launch``."""
     port = _positive_int(cfg, "port", hi=65535)
-    demo = build_demo(cfg)
+    demo = build_demo(cfg, sampler_overrides)
     demo.launch(server_name=str(cfg["host"]), server_port=port, share=bool(cfg["share"]), show_error=True, ssr_mode=False,
                 **launch_kwargs)
     return demo

@@ -12,7 +12,7 @@ import math
 import re
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from PIL import Image
 
 from pixelflow.checkpoint import RELEASED_URL, CheckpointError, LoadedModel, load_pixelflow
 from pixelflow.precision import resolve_precision
+from pixelflow.sampling.choice import choose_sampler
 from pixelflow.sampling.compile import compile_for_sampling, sampling_shapes
 from pixelflow.sampling.indexed import sample_indexed
 from pixelflow.sampling.prompts import load_text_encoder
@@ -163,17 +164,18 @@ class DemoModel:
     A text-to-image checkpoint loads its text encoder (``text_encoder`` overrides the config's source; see
     :func:`pixelflow.sampling.prompts.load_text_encoder`) on the same device, in bf16 when sampling in bf16.
     ``sampler``: the settings a request does not set (guidance interval, Dopri5's tolerances) and the page's initial
-    controls; a request picks Euler or Dopri5, the steps, shift and guidance scale.
+    controls; None: the sampler the checkpoint records (a distilled student's), else the default. A request picks
+    Dopri5 or the sampler's fixed-step method (Euler when the sampler is Dopri5), the steps, shift and guidance scale.
     """
 
     def __init__(self, loaded: LoadedModel, device: str = "cpu", max_images: int = 4, precision: str = "auto",
                  text_encoder: str | None = None, sampler: SamplerConfig | None = None):
         if not isinstance(max_images, int) or max_images < 1:
             raise ValueError(f"max_images must be a positive integer, got {max_images!r}")
-        self.sampler = sampler or SamplerConfig()
-        if self.sampler.method not in ("euler", "dopri5"):
-            raise ValueError(f"sampler.method={self.sampler.method!r}: the demo samples with euler or dopri5 "
-                             "(its Dopri5 checkbox); pick one of those or a preset that uses one (sampler=quickstart)")
+        if sampler is None:
+            sampler = SamplerConfig.from_mapping(loaded.sampler) if loaded.sampler else SamplerConfig()
+        self.sampler = sampler
+        self.fixed_method = "euler" if sampler.method == "dopri5" else sampler.method  # the Dopri5 checkbox off
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)
         self.model = loaded.model.to(self.device).eval()
@@ -198,8 +200,12 @@ class DemoModel:
     @classmethod
     def load(cls, ckpt: str | Path, config: str | Path | None = None, device: str = "auto", max_images: int = 4,
              allow_download: bool = False, ema: float | None = None, precision: str = "auto",
-             text_encoder: str | None = None, sampler: SamplerConfig | None = None) -> DemoModel:
-        """Load ``ckpt`` (see :func:`load_pixelflow`, ``ema`` picks an EMA rate); ``device="auto"`` picks CUDA when available."""
+             text_encoder: str | None = None, sampler: Mapping[str, Any] | None = None,
+             sampler_overrides: Sequence[str] = ()) -> DemoModel:
+        """Load ``ckpt`` (see :func:`load_pixelflow`, ``ema`` picks an EMA rate); ``device="auto"`` picks CUDA when available.
+
+        ``sampler``: the composed preset, chosen against the checkpoint's recorded sampler as ``sample.py`` does
+        (:func:`~pixelflow.sampling.choice.choose_sampler`, under the command line's ``sampler_overrides``)."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         try:
@@ -208,8 +214,9 @@ class DemoModel:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from err
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} was asked for but CUDA is not available; use device=cpu or device=auto")
-        return cls(load_pixelflow(ckpt, config, allow_download=allow_download, ema=ema), str(dev), max_images, precision,
-                   text_encoder, sampler)
+        loaded = load_pixelflow(ckpt, config, allow_download=allow_download, ema=ema)
+        chosen = None if sampler is None else choose_sampler(sampler, loaded.sampler, sampler_overrides)[0]
+        return cls(loaded, str(dev), max_images, precision, text_encoder, chosen)
 
     @property
     def stage_sides(self) -> list[int]:
@@ -273,7 +280,7 @@ class DemoModel:
     def generate(self, request: GenerationRequest, on_step: Callable[[int, int, int], None] | None = None) -> Generation:
         """Sample ``request.num_images`` images; the same request (seed included) gives the same pixels."""
         start = time.perf_counter()
-        config = replace(self.sampler, method="dopri5" if request.dopri5 else "euler", steps=request.steps,
+        config = replace(self.sampler, method="dopri5" if request.dopri5 else self.fixed_method, steps=request.steps,
                          shift=request.shift, guidance_scale=request.guidance_scale)
         sampler = CascadeSampler(self.model, self.schedule, config)
         if self.encoder is None:

@@ -26,6 +26,7 @@ from pixelflow.conditioning import Conditioning
 from pixelflow.images import save_grid, save_pngs
 from pixelflow.metrics.io import write_adm_npz
 from pixelflow.precision import resolve_precision
+from pixelflow.sampling.call_counter import CallCounter
 from pixelflow.sampling.compile import compile_loaded
 from pixelflow.sampling.indexed import balanced_labels, sample_uint8
 from pixelflow.sampling.memory import check_sampling_fits
@@ -100,6 +101,14 @@ def device_memory_bytes(device: torch.device, override_gib: float | None = None)
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
+def _calls_per_image(out_dir: Path, rows: float, made: float) -> float | None:
+    """Network rows per image of the samples made now; of the earlier run's when a resumed run made none."""
+    if made:
+        return rows / made
+    earlier = out_dir / "sampling.json"
+    return json.loads(earlier.read_text()).get("model_calls_per_image") if earlier.is_file() else None
+
+
 def _check_conditions(loaded: LoadedModel, classes: list[int] | None, prompts: PromptSet | None) -> list[int] | None:
     """The class list of a class-to-image model (None for text); clear errors for the wrong kind of condition."""
     model = loaded.model
@@ -165,7 +174,8 @@ def generate(loaded: LoadedModel, config: SamplerConfig, out_dir: str | Path, nu
     if compile and batches:
         model = compile_loaded(replace(loaded, model=model), [config], {len(b) for b in batches}, fabric.device,
                                precision)[0].model
-    sampler = CascadeSampler(model, schedule, config)
+    counter = CallCounter(model)  # network rows, for the model calls per image
+    sampler = CascadeSampler(counter, schedule, config)
 
     def condition_of(indices: torch.Tensor) -> Conditioning | torch.Tensor:
         if encoder is None:
@@ -183,10 +193,13 @@ def generate(loaded: LoadedModel, config: SamplerConfig, out_dir: str | Path, nu
             save_pngs(images, batch_labels, indices, out_dir / "images")
         progress.update(len(indices))
     progress.close()
+    rows, made = fabric.all_reduce(torch.tensor([counter.rows, sum(len(b) for b in batches)], dtype=torch.float64,
+                                                device=fabric.device), reduce_op="sum").tolist()
     fabric.barrier()
 
     settings = {"sampler": asdict(config), "seed": seed, "num_samples": num_samples, "classes": classes,
-                "checkpoint": loaded.source, "image_size": schedule.image_size, "precision": precision}
+                "checkpoint": loaded.source, "image_size": schedule.image_size, "precision": precision,
+                "model_calls_per_image": _calls_per_image(out_dir, rows, made)}
     if prompts is not None:
         settings |= {"prompts": list(prompts.prompts), "prompt_labels": list(prompts.labels),
                      "negative_prompt": negative_prompt, "text_encoder": text_encoder or (loaded.text_encoder or {}).get("source")}
@@ -198,6 +211,7 @@ def generate(loaded: LoadedModel, config: SamplerConfig, out_dir: str | Path, nu
         kinds = len(classes) if classes is not None else len(prompts.prompts)
         nrow = min(kinds, 10) if num_samples >= min(kinds, 10) else num_samples
         save_grid(first, out_dir / "grid.png", nrow=nrow, upscale=max(1, 128 // schedule.image_size))
-        logger.info("wrote %d samples: %s, sample grid %s", num_samples, path, out_dir / "grid.png")
+        logger.info("wrote %d samples: %s, sample grid %s; %s model calls (network rows) per image", num_samples, path,
+                    out_dir / "grid.png", settings["model_calls_per_image"])
     fabric.barrier()
     return out_dir / "samples.npz"

@@ -24,7 +24,8 @@ from pixelflow.model import Modulation
 from pixelflow.prediction import SAMPLE_MIN_DIVISOR, convert
 from pixelflow.sampling.integrators import STEPPERS
 
-__all__ = ["METHODS", "SamplerConfig", "CascadeNoise", "CascadeSampler", "SampleOutput", "euler_time_grid", "to_uint8"]
+__all__ = ["METHODS", "SamplerConfig", "CascadeNoise", "CascadeSampler", "SampleOutput", "ab2_time_grid", "euler_time_grid",
+           "to_uint8"]
 
 METHODS = ("euler", "heun", "ab2", "dopri5")
 # The Euler time grid stops short of 1 and maps its end to the table's last entry.
@@ -176,6 +177,12 @@ def euler_time_grid(num_steps: int, shift: float) -> torch.Tensor:
     return torch.cat([t, torch.ones(1, dtype=torch.float64)])
 
 
+def ab2_time_grid(num_steps: int, shift: float) -> torch.Tensor:
+    """AB2's stage-local times (N+1,) float64: linspace(0, 1, N+1), shifted as the Euler grid."""
+    u = torch.linspace(0, 1, num_steps + 1, dtype=torch.float64)
+    return u / (shift + (1 - shift) * u)
+
+
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """[-1, 1] NCHW float -> [0, 255] NHWC uint8."""
     return (x / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
@@ -271,8 +278,7 @@ class CascadeSampler:
         """
         n = self.steps[stage]
         if self.config.method == "ab2":
-            u = torch.linspace(0, 1, n + 1, dtype=torch.float64)
-            t = u / (self.config.shift + (1 - self.config.shift) * u)
+            t = ab2_time_grid(n, self.config.shift)
             return t, self.schedule.stage_timestep(stage, t[:-1]).float()
         t = euler_time_grid(n, self.config.shift)
         return t, self.schedule.stage_timestep(stage, t[:-1], _EULER_T_MAX).float()

@@ -32,6 +32,7 @@ from pixelflow.metrics.evaluation import EvalOptions, evaluate, write_metrics
 from pixelflow.metrics.io import load_image_set
 from pixelflow.metrics.references import default_num_ref, is_mnist_reference, resolve_reference
 from pixelflow.sampling.call_counter import CallCounter
+from pixelflow.sampling.choice import choose_sampler
 from pixelflow.sampling.compile import batch_sizes, compile_loaded
 from pixelflow.sampling.generate import SHARD_DIR, finished_indices, generate
 from pixelflow.sampling.samplers import SamplerConfig
@@ -280,13 +281,17 @@ def run_sweep(loaded: LoadedModel, cells: list[Cell], out_dir: str | Path, score
     return results
 
 
-def sweep_from_config(c: Mapping[str, Any], on_cell_done: Callable[[Cell, dict], None] | None = None) -> list[Path]:
+def sweep_from_config(c: Mapping[str, Any], on_cell_done: Callable[[Cell, dict], None] | None = None,
+                      sampler_overrides: Sequence[str] = ()) -> list[Path]:
     """Run the sweep a resolved ``conf/sweep_sampler.yaml`` describes (finishing only missing cells) and write its
-    report; returns the report's paths (results.csv, results.md, then the plots)."""
+    report; returns the report's paths (results.csv, results.md, then the plots). The cells' base settings are
+    the checkpoint's recorded sampler unless the command line (``sampler_overrides``) names a preset, as in
+    ``sample.py`` (:func:`~pixelflow.sampling.choice.choose_sampler`)."""
     if not c["out_dir"] or not c["ref"]:
         raise SweepError("both out_dir= and ref= are required, e.g. `python scripts/sweep_sampler.py out_dir=sweeps/a ref=mnist_test`")
-    base = SamplerConfig.from_mapping(c["sampler"])
+    SamplerConfig.from_mapping(c["sampler"])  # a bad preset fails before the checkpoint loads
     loaded = load_pixelflow(c["ckpt"], c["config"], allow_download=c["allow_download"], ema=c["ema"])
+    base = choose_sampler(c["sampler"], loaded.sampler, sampler_overrides)[0]
     cells = build_cells(base, c["axes"] or {}, c["num_samples"], loaded.schedule.num_stages)
     ref = str(c["ref"])
     evals = eval_options(ref, c["inception"], c["classifier"], c["num_ref"], batch_size=c["eval_batch_size"],

@@ -56,6 +56,15 @@ def write_tables(out_dir: Path, results: list[dict[str, Any]]) -> tuple[Path, Pa
     return out_dir / "results.csv", out_dir / "results.md"
 
 
+def decade_log_axis(ax: Any, values: list[float]) -> None:
+    """A log x axis ticked at 1, 2 and 5 times powers of ten, in plain numbers, where ``values`` span a decade."""
+    if min(values) > 0 and max(values) >= 10 * min(values):
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def metric_figure(rows: list[dict[str, Any]], metric: str, x: str, along: str, first: str, xlabel: str) -> Figure | None:
     """``metric`` against ``x``; one line per value of the settings other than ``along`` that vary (``first`` leads).
 
@@ -73,12 +82,7 @@ def metric_figure(rows: list[dict[str, Any]], metric: str, x: str, along: str, f
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, points in lines.items():
         ax.plot(*zip(*sorted(points)), marker="o", label=label)
-    values = [float(r[x]) for r in rows]
-    if min(values) > 0 and max(values) >= 10 * min(values):
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(NullFormatter())
+    decade_log_axis(ax, [float(r[x]) for r in rows])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)

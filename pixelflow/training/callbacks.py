@@ -22,7 +22,7 @@ from pixelflow.text import TextEncoder
 from pixelflow.training.lit_module import DivergenceError, nonfinite_tensors
 from pixelflow.training.sharding import gather_model
 
-__all__ = ["SampleGrid", "ExportWeights", "log_sample_grid", "save_text_encoder", "TEXT_ENCODER_DIR"]
+__all__ = ["SampleGrid", "ExportWeights", "log_sample_grid", "save_text_encoder", "student_sampler", "TEXT_ENCODER_DIR"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class SampleGrid(L.Callback):
         self._last_step, self._last_path = -1, None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.config = student_sampler(pl_module, self.config, "sample grid")
         self.config.stage_steps(pl_module.schedule.num_stages)  # a wrong per-stage length fails before training
         if not pl_module.model.cross_attention_dim:
             return
@@ -108,6 +109,17 @@ class SampleGrid(L.Callback):
             self.write(pl_module, "final")
 
 
+def student_sampler(pl_module: L.LightningModule, config: SamplerConfig, what: str) -> SamplerConfig:
+    """The sampler a module records (a distilled student is sampled as it was distilled), else ``config``."""
+    recorded = pl_module.recorded_sampler
+    if recorded is None:
+        return config
+    ours = SamplerConfig.from_mapping(recorded, where="the module's recorded sampler")
+    if ours != config:
+        logger.info("%s: sampling with the student's own sampler %s, not the configured one", what, ours)
+    return ours
+
+
 def log_sample_grid(loggers: list[Logger], path: Path, step: int) -> None:
     """Send a saved sample grid to every logger: W&B as an image (key ``samples``), any other logger with a folder
     (TensorBoard, CSV) as a PNG copy in ``<log_dir>/samples/``."""
@@ -144,7 +156,8 @@ class ExportWeights(L.Callback):
                 raise DivergenceError(f"not exporting to {self.out_dir}: {len(bad)} tensor(s) hold NaN or inf (e.g. {bad[:3]})")
             name = "model.pt" if i == 0 else ema_export_name(decay)
             path = export_released_format(model, pl_module.schedule, self.out_dir, pl_module.class_names, name, decays,
-                                          text_encoder=text, objective=pl_module.objective.describe())
+                                          text_encoder=text, objective=pl_module.objective.describe(),
+                                          sampler=pl_module.recorded_sampler)
             if i:
                 logger.info("exported EMA %s weights: %s", decay, path)
             else:

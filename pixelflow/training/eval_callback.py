@@ -40,6 +40,7 @@ from pixelflow.precision import PRECISIONS, resolve_precision
 from pixelflow.sampling.indexed import balanced_labels, sample_uint8
 from pixelflow.sampling.memory import check_sampling_fits, max_fitting_batch
 from pixelflow.sampling.samplers import CascadeSampler, SamplerConfig
+from pixelflow.training.callbacks import student_sampler
 from pixelflow.training.eval_shares import balanced_batch, free_device_bytes, gather_to_rank_zero, rank_chunks
 from pixelflow.training.sharding import is_fsdp
 
@@ -108,6 +109,7 @@ class EvaluateSamples(L.Callback):
         if pl_module.model.cross_attention_dim:
             raise ValueError("callbacks.evaluate samples class labels and cannot drive a text-to-image model: drop it "
                              "(callbacks/evaluate=null); score text-to-image samples with sample.py prompts and evaluate.py")
+        self.config = student_sampler(pl_module, self.config, "callbacks.evaluate")
         self.config.stage_steps(pl_module.schedule.num_stages)
         for rate in self.ema or []:
             pl_module.ema_model(rate)

@@ -138,11 +138,21 @@ class PixelFlowLitModule(L.LightningModule):
         step_seed = (self.global_step * 4096 + self._micro_batch) * max(self.trainer.world_size, 1) + self.global_rank
         return torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + step_seed)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor | list[str]], batch_idx: int) -> torch.Tensor:
+    @property
+    def recorded_sampler(self) -> dict[str, Any] | None:
+        """The sampler this model was trained for, recorded in checkpoints and exports (None: any; a distilled
+        student records its own)."""
+        return None
+
+    def batch_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The micro-batch's loss and the terms to log (``train/loss_<name>``)."""
         images, labels = batch  # labels: class ids, or captions for a text-to-image model
         encode = self.text_encoder.encode if self.text_encoder is not None else None
-        loss, terms = cascade_loss(self.model, self.schedule, images, labels, self._generator(), self.label_dropout,
-                                   encode_text=encode, objective=self.objective, alignment=self.alignment)
+        return cascade_loss(self.model, self.schedule, images, labels, self._generator(), self.label_dropout,
+                            encode_text=encode, objective=self.objective, alignment=self.alignment)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss, terms = self.batch_loss(batch)
         self._micro_batch += 1
         finite = torch.isfinite(loss.detach())
         self._loss_finite = finite if self._loss_finite is None else self._loss_finite & finite
@@ -242,6 +252,8 @@ class PixelFlowLitModule(L.LightningModule):
             "nonfinite_steps": {"skipped": self.skipped_steps, "streak": self._nonfinite_streak},
             "objective": self.objective.describe(),
         }
+        if self.recorded_sampler is not None:
+            checkpoint["pixelflow"]["sampler"] = self.recorded_sampler
         bad = nonfinite_tensors(checkpoint.get("state_dict", {}))
         if bad:
             raise DivergenceError(f"refusing to write a checkpoint at step {self.global_step}: {len(bad)} tensor(s) hold "

@@ -20,7 +20,7 @@ from pixelflow.prediction import TRAIN_MIN_DIVISOR, check_prediction, convert
 from pixelflow.training.repa import RepaAlignment
 from pixelflow.training.time_sampling import TimeSampling
 
-__all__ = ["Objective", "RepaSettings", "cascade_loss", "drop_captions", "stages_by_fraction"]
+__all__ = ["Objective", "RepaSettings", "cascade_loss", "cpu_generator", "drop_captions", "stages_by_fraction"]
 
 # Captions -> (states (B, L, D), 0/1 mask (B, L)), e.g. pixelflow.text.TextEncoder.encode.
 EncodeText = Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]]
@@ -176,7 +176,7 @@ def cascade_loss(
         objective = Objective()
         objective.check_stages(schedule.num_stages)
     batch, device = images.shape[0], images.device
-    stages = objective.stages(schedule, batch, _cpu(generator)).to(device)
+    stages = objective.stages(schedule, batch, cpu_generator(generator)).to(device)
     t_index = objective.times.indices(stages, schedule.num_train_timesteps, generator)
     drop = torch.rand(batch, generator=generator, device=device) < label_dropout if label_dropout > 0 else None
     condition = _text_condition(labels, drop, encode_text, device) if encode_text else _class_condition(model, labels, drop)
@@ -226,7 +226,7 @@ def _text_condition(captions: Sequence[str], drop: torch.Tensor | None, encode_t
     return lambda idx: {"text_states": states[idx], "text_mask": mask[idx]}
 
 
-def _cpu(generator: torch.Generator | None) -> torch.Generator | None:
+def cpu_generator(generator: torch.Generator | None) -> torch.Generator | None:
     """randperm on CPU needs a CPU generator; derive one deterministically from a device generator."""
     if generator is None or generator.device.type == "cpu":
         return generator

@@ -13,7 +13,9 @@ import time
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+from unittest.mock import patch
 
 import httpx
 import numpy as np
@@ -168,13 +170,31 @@ def test_the_sampler_preset_sets_the_initial_controls_and_the_hidden_settings(ti
     dm.model.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
     dm.generate(dm.validate(0, False, 1.0, 4.0, [1, 1, 1, 1], 0, 1))
     assert rows == [1, 1, 2, 2]  # the preset's guidance interval applies (guided only in stages 2 and 3)
-    with pytest.raises(ValueError, match="sampler.method='heun': the demo samples with euler or dopri5"):
-        DemoModel(load_pixelflow(tiny_ckpt), sampler=SamplerConfig(method="heun"))
+    heun = DemoModel(load_pixelflow(tiny_ckpt), sampler=SamplerConfig(method="heun", steps=2))
+    assert heun.fixed_method == "heun" and dm.fixed_method == "euler"  # the Dopri5 checkbox off: the preset's method
     cfg = demo_config(tiny_ckpt)
     with open_dict(cfg):  # Hydra refuses the key on the command line; a hand-made config meets the sampler's own check
         cfg.sampler.cfg = 4.0
     with pytest.raises(ValueError, match=r"demo config sampler: unknown setting\(s\) \['cfg'\]"):
         build_demo(cfg)
+
+
+def test_a_recorded_sampler_sets_the_controls_unless_a_preset_is_named(tiny_ckpt):
+    recorded = {"method": "ab2", "steps": 2, "shift": 1.0, "guidance_scale": 1.0, "guidance_interval": None}
+    student = replace(load_pixelflow(tiny_ckpt), sampler=recorded)  # what a distilled student's export loads as
+    dm = DemoModel(student)
+    assert (dm.sampler.method, dm.sampler.steps, dm.fixed_method) == ("ab2", 2, "ab2")
+    rows = []
+    dm.model.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    dm.generate(dm.validate(0, False, 1.0, 1.0, [2, 2, 2, 2], 0, 1))
+    assert len(rows) == 8 and set(rows) == {1}  # AB2, 2 steps a stage, no guidance doubling
+    preset = {"method": "euler", "steps": 10, "shift": 1.0, "guidance_scale": 5.0}
+    with patch("pixelflow.demo.service.load_pixelflow", return_value=student):
+        assert DemoModel.load(tiny_ckpt, device="cpu", sampler=preset).sampler.method == "ab2"
+        chosen = DemoModel.load(tiny_ckpt, device="cpu", sampler=preset, sampler_overrides=["sampler=quickstart"]).sampler
+        assert (chosen.method, chosen.guidance_scale) == ("euler", 5.0)
+        steps = DemoModel.load(tiny_ckpt, device="cpu", sampler=preset, sampler_overrides=["sampler.steps=1"]).sampler
+        assert (steps.method, steps.steps) == ("ab2", 10)  # a field from the command line applies on top
 
 
 @pytest.mark.slow

@@ -237,3 +237,20 @@ def test_compiled_sweep_gives_the_eager_images_and_reports_compile_time_apart(tm
     with np.load(tmp_path / "eager" / "cells" / cells[0].name / "samples.npz") as a, \
             np.load(tmp_path / "compiled" / "cells" / cells[0].name / "samples.npz") as b:
         assert np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int)).max() <= 1  # float ulps may flip a rounding
+
+
+def test_the_sweep_starts_from_a_checkpoints_recorded_sampler(tmp_path, tiny_model, monkeypatch):
+    """A distilled student's export records its sampler: the cells start from it unless a preset is named."""
+    recorded = {"method": "ab2", "steps": 2, "shift": 1.0, "guidance_scale": 1.0, "guidance_interval": None}
+    student = export_released_format(tiny_model, CascadeSchedule(image_size=32), tmp_path / "student",
+                                     [str(i) for i in range(10)], sampler=recorded)
+    seen: dict[str, list[Cell]] = {}
+    monkeypatch.setattr(sweep, "run_sweep", lambda loaded, cells, *args: seen.setdefault("cells", cells))
+    monkeypatch.setattr(sweep, "write_report", lambda out_dir, results: [])
+    monkeypatch.setattr(sweep, "reference_scorer", lambda ref, evals: mean_pixel)
+    for overrides, expected in (([], ("ab2", 2, 1.0)), (["sampler=euler30"], ("euler", 30, 4.0))):
+        seen.clear()
+        cfg = compose_config("sweep_sampler", [f"ckpt={student}", f"out_dir={tmp_path / 'sweep'}", "ref=mnist_test",
+                                               *overrides])
+        sweep_from_config(OmegaConf.to_container(cfg, resolve=True), sampler_overrides=overrides)
+        assert [(c.sampler.method, c.sampler.steps, c.sampler.guidance_scale) for c in seen["cells"]] == [expected]
