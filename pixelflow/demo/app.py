@@ -157,7 +157,7 @@ def build_demo(cfg: Mapping[str, Any], sampler_overrides: Sequence[str] = ()) ->
     """The page for ``cfg``; if the checkpoint is missing or unreadable, a page that says how to get one.
 
     A checkpoint's recorded sampler (a distilled student's) sets the controls unless the command line named a
-    preset (``sampler=NAME`` in ``sampler_overrides``, the Hydra task overrides)."""
+    preset (``sampler=NAME`` in ``sampler_overrides``, the Hydra command-line overrides)."""
     display_size = _positive_int(cfg, "display_size")
     hub = str(cfg["ckpt"]).startswith(HUB_PREFIX)  # hf://owner/name: huggingface_hub's cache resolves it
     path = Path(cfg["ckpt"]) if hub else resolve_path(cfg["ckpt"])
