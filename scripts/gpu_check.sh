@@ -16,19 +16,19 @@
 #
 # Steps, and their durations on one H100 SXM by estimate (none measured yet):
 #   step             what                                                              estimate  timeout
-#   wheels           pure-Python wheels from carry/ (make gpu-wheels) into a --target      15 s     45 s
+#   wheels           pure-Python wheels from carry/ (make gpu-wheels) into a --target      15 s     40 s
 #                    folder, pip --no-index --no-deps, then imported; skipped when they import
-#   gpu_tests        pytest -m gpu tests/test_gpu.py (bf16 agreement, Dopri5 memory at       45 s    100 s
+#   gpu_tests        pytest -m gpu tests/test_gpu.py (bf16 agreement, Dopri5 memory at       45 s     90 s
 #                    batch 16, two steps of the 24 GB training recipe)
-#   sampling         scripts/gpu_check.py --part sampling: XL/4 256 px, Euler 30 + CFG       55 s    110 s
+#   sampling         scripts/gpu_check.py --part sampling: XL/4 256 px, Euler 30 + CFG       55 s    100 s
 #                    batch 16 bf16; Euler 10 on 2 images bf16 vs fp32; Dopri5 batch 4 bf16
-#   text_memory      --part text: T2I-XL/4 1024 px bf16, 1 step a stage, batch 1 and 3         30 s     70 s
-#   training         --part train: imagenet256_xl4_24gb, XL/4 micro-batch 32, 2 steps          25 s     60 s
-#   distill          --part distill: 2 teacher pairs (AB2 8 a stage, guidance 2.4, bf16), then    30 s     70 s
+#   text_memory      --part text: T2I-XL/4 1024 px bf16, 1 step a stage, batch 1 and 3         30 s     60 s
+#   training         --part train: imagenet256_xl4_24gb, XL/4 micro-batch 32, 2 steps          25 s     55 s
+#   distill          --part distill: 2 teacher pairs (AB2 8 a stage, guidance 2.4, bf16), then    30 s     60 s
 #                    reflow steps of imagenet256_xl4_distill (micro-batch 32, ckpt, bf16)
-#   compile_eager    scripts/benchmark.py --sampling: S/4 256 px bf16, Euler 10, batch 8        15 s     40 s
-#   compile_compiled the same with --compile (4 shapes, compile time reported apart)          75 s    140 s
-#   total                                                                                  290 s    635 s
+#   compile_eager    scripts/benchmark.py --sampling: S/4 256 px bf16, Euler 10, batch 8        15 s     35 s
+#   compile_compiled the same with --compile (4 shapes, compile time reported apart)          75 s    125 s
+#   total                                                                                  290 s    565 s
 # Method: time = FLOPs / (assumed MFU x peak) + per-process start. FLOPs counted exactly on the meta device
 # (torch FlopCounterMode, one row through each stage): XL/4 0.058, 0.237, 1.049, 5.819 TFLOP at 32-256 px;
 # T2I-XL/4 (512 text tokens) 1.40, 6.83, 52.9, 627 TFLOP at 128-1024 px; S/4 0.003-0.48 TFLOP; training
@@ -64,7 +64,7 @@ cd "$ROOT"
 
 STEPS=(wheels gpu_tests sampling text_memory training distill compile_eager compile_compiled)
 declare -A ESTIMATE=([wheels]=15 [gpu_tests]=45 [sampling]=55 [text_memory]=30 [training]=25 [distill]=30 [compile_eager]=15 [compile_compiled]=75)
-declare -A TIMEOUT=([wheels]=45 [gpu_tests]=100 [sampling]=110 [text_memory]=70 [training]=60 [distill]=70 [compile_eager]=40 [compile_compiled]=140)
+declare -A TIMEOUT=([wheels]=40 [gpu_tests]=90 [sampling]=100 [text_memory]=60 [training]=55 [distill]=60 [compile_eager]=35 [compile_compiled]=125)
 BUDGET="${GPU_CHECK_BUDGET_S:-570}"
 if (( DRY_RUN )); then
   for s in "${STEPS[@]}"; do TIMEOUT[$s]=600; done
