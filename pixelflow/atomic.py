@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["PARTIAL_SUFFIX", "DiskFullError", "partial_path", "atomic_write", "atomic_write_bytes",
+__all__ = ["PARTIAL_SUFFIX", "DiskFullError", "partial_path", "atomic_write", "atomic_write_bytes", "atomic_save_figure",
            "atomic_write_text", "atomic_save_npz", "atomic_torch_save", "append_line_atomic"]
 
 PARTIAL_SUFFIX = ".partial"
@@ -115,6 +115,12 @@ def atomic_save_npz(path: str | os.PathLike, /, **arrays: Any) -> None:
 
     with atomic_write(path, "wb") as f:
         np.savez(f, **arrays)
+
+
+def atomic_save_figure(figure: Any, path: str | os.PathLike, dpi: int = 120) -> None:
+    """A matplotlib figure's PNG to exactly ``path``, atomically (``savefig`` itself writes in place)."""
+    with atomic_write(path, "wb") as f:
+        figure.savefig(f, format="png", dpi=dpi)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:

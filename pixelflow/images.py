@@ -8,6 +8,8 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
+from pixelflow.atomic import atomic_write
+
 __all__ = ["save_grid", "save_pngs", "grid_image"]
 
 
@@ -23,7 +25,8 @@ def grid_image(images_uint8: torch.Tensor, nrow: int, upscale: int = 1) -> Image
 def save_grid(images_uint8: torch.Tensor, path: str | Path, nrow: int, upscale: int = 1) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    grid_image(images_uint8, nrow, upscale).save(path)
+    with atomic_write(path, "wb") as f:
+        grid_image(images_uint8, nrow, upscale).save(f, format="PNG")
     return path
 
 
@@ -32,5 +35,6 @@ def save_pngs(images_uint8: torch.Tensor, labels: torch.Tensor, indices: torch.T
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for image, label, index in zip(images_uint8.numpy(), labels.tolist(), indices.tolist()):
-        Image.fromarray(image).save(out / f"{index:06d}_{label}.png")
+        with atomic_write(out / f"{index:06d}_{label}.png", "wb") as f:
+            Image.fromarray(image).save(f, format="PNG")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from pixelflow.atomic import atomic_write
+from pixelflow.atomic import atomic_save_figure
 from pixelflow.sampling.sweep_report import decade_log_axis  # also selects matplotlib's file-only backend
 
 
@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(args.out, "wb") as fh:
-        fig.savefig(fh, format="png", dpi=120)
+    atomic_save_figure(fig, args.out)
     plt.close(fig)
     print(f"wrote {args.out}: {len(lines)} series")
 

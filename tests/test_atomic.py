@@ -17,6 +17,7 @@ import torch
 from pixelflow.atomic import (
     DiskFullError,
     append_line_atomic,
+    atomic_save_figure,
     atomic_save_npz,
     atomic_torch_save,
     atomic_write,
@@ -72,6 +73,25 @@ def test_each_writer_writes_exactly_the_target(tmp_path):
         assert data["x"].tolist() == [0, 1, 2]
     assert torch.equal(torch.load(tmp_path / "m.pt", weights_only=True)["w"], torch.ones(2))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.bin", "m.pt", "shard_1"]
+
+
+def test_a_figure_is_written_whole_or_not_at_all(tmp_path):
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(2, 2))
+    figure.subplots().plot([0, 1], [1, 0])
+    atomic_save_figure(figure, tmp_path / "plot.png")
+    first = (tmp_path / "plot.png").read_bytes()
+    assert first.startswith(b"\x89PNG")
+
+    class Failing(Figure):
+        def savefig(self, fname, **kwargs):
+            fname.write(b"\x89PNG half")
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_save_figure(Failing(), tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes() == first and [p.name for p in tmp_path.iterdir()] == ["plot.png"]
 
 
 def test_new_files_get_the_permissions_open_would_give(tmp_path):

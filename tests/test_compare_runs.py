@@ -75,5 +75,8 @@ def test_seeds_fold_into_mean_and_spread_and_a_difference_is_judged_against_the_
     # FID 10.5 against 21: -10.5 exceeds the spreads 1 and 2
     assert "| 2 | 500 | 0.955 +- 0.005 | 10.5 +- 0.5 | +0.035 | -10.5 (beyond spread) |" in x_pred
     assert "(beyond spread)" not in shifted
+    for metric in ("classifier_accuracy", "classifier_fid"):  # one picture per metric of the rows and their seeds
+        assert (tmp_path / "out" / f"seeds_{metric}.png").read_bytes().startswith(b"\x89PNG")
+    assert not list((tmp_path / "out").glob(".*"))  # no unfinished writes left behind
     with pytest.raises(ValueError, match="baseline 'nope' is none of the runs"):
         compare_runs(runs, tmp_path / "out2", baseline="nope")

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
-from pixelflow.atomic import atomic_write, atomic_write_text
+from pixelflow.atomic import atomic_save_figure, atomic_write, atomic_write_text
 
 __all__ = ["SETTINGS", "MEASURES", "result_rows", "write_tables", "metric_figure", "plot_results", "write_report"]
 
@@ -96,7 +96,7 @@ def _plot(rows: list[dict[str, Any]], metric: str, x: str, along: str, first: st
     fig = metric_figure(rows, metric, x, along, first, xlabel)
     if fig is None:
         return None
-    fig.savefig(path, dpi=120)
+    atomic_save_figure(fig, path)
     plt.close(fig)
     return path
 

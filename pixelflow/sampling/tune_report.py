@@ -21,7 +21,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from pixelflow.atomic import atomic_write, atomic_write_text  # noqa: E402
+from pixelflow.atomic import atomic_save_figure, atomic_write, atomic_write_text  # noqa: E402
 from pixelflow.metrics.evaluation import write_metrics  # noqa: E402
 from pixelflow.sampling.sweep import SweepError  # noqa: E402
 from pixelflow.sampling.sweep_report import MEASURES, SETTINGS, metric_figure, result_rows  # noqa: E402
@@ -124,7 +124,7 @@ def _plot_sigma_rel(out: Path, metrics: list[str], rows: list[dict[str, Any]]) -
                 ax.annotate(f"{row['candidate']} cfg={_cell(row['guidance_scale'])}", (ax.get_xlim()[0], row[metric]),
                             fontsize=7, color="gray", va="bottom")
         path = out / "plots" / f"{metric}_vs_sigma_rel.png"
-        fig.savefig(path, dpi=120)
+        atomic_save_figure(fig, path)
         plt.close(fig)
         paths.append(path)
     return paths

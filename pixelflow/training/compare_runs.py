@@ -5,7 +5,8 @@ with) and ``metrics.jsonl`` (evaluations during training, :mod:`pixelflow.traini
 Runs are labelled by the overrides they do not share with all the others, so a sweep's table and
 legends show only what was swept. :func:`seed_summary` folds runs that differ only in ``seed=`` into one
 row: the mean and spread (max - min) of each metric over the seeds, and whether the difference from a
-baseline row exceeds the larger of the two rows' spreads.
+baseline row exceeds the larger of the two rows' spreads; :func:`plot_seed_summary` draws those rows with
+every seed's value, so an ablation that scores each run once still has a picture.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from typing import Any
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
+from pixelflow.atomic import atomic_save_figure
 from pixelflow.training.eval_callback import read_metrics
 
 __all__ = ["run_overrides", "load_runs", "final_rows", "write_tables", "plot_metrics", "compare_runs", "seed_summary",
-           "write_seed_summary"]
+           "write_seed_summary", "plot_seed_summary"]
 
 IGNORED = ("paths.", "trainer.enable_progress_bar", "trainer.enable_model_summary")  # where, not what, a run trains
 
@@ -111,7 +113,7 @@ def plot_metrics(out: Path, runs: list[dict[str, Any]], metrics: list[str]) -> l
         ax.legend(fontsize=8)
         fig.tight_layout()
         paths.append(out / f"{metric}.png")
-        fig.savefig(paths[-1], dpi=120)
+        atomic_save_figure(fig, paths[-1])
     return paths
 
 
@@ -131,6 +133,7 @@ def seed_summary(metrics: list[str], rows: list[dict[str, Any]], baseline: str |
         entry: dict[str, Any] = {"run": label, "ema": ema, "seeds": len(members), "step": min(m["step"] for m in members)}
         for metric in metrics:
             values = [m[metric] for m in members if m.get(metric) is not None]
+            entry[f"{metric}_values"] = values
             entry[f"{metric}_mean"] = statistics.fmean(values) if values else None
             entry[f"{metric}_spread"] = max(values) - min(values) if values else None
         summary.append(entry)
@@ -161,14 +164,48 @@ def write_seed_summary(out: Path, metrics: list[str], summary: list[dict[str, An
     return out / "seeds.md"
 
 
+def plot_seed_summary(out: Path, metrics: list[str], summary: list[dict[str, Any]], baseline: str | None = None) -> list[Path]:
+    """``out/seeds_<metric>.png`` per metric: one line per group of seeds, a dot per seed and a bar at the mean;
+    the ``baseline`` group's range (default the first group's) shaded across, so "beyond spread" can be seen."""
+    base = next((e for e in summary if e["run"] == baseline), None) if baseline else (summary[0] if summary else None)
+    paths = []
+    for metric in metrics:
+        entries = [e for e in summary if e[f"{metric}_values"]]
+        if not entries:
+            continue
+        fig = Figure(figsize=(6.5, 0.9 + 0.35 * len(entries)))
+        ax = fig.subplots()
+        if base is not None and base[f"{metric}_values"]:
+            ax.axvspan(min(base[f"{metric}_values"]), max(base[f"{metric}_values"]), color="gray", alpha=0.2,
+                       label=f"{base['run']}: seed range")
+        for row, entry in enumerate(entries):
+            values = entry[f"{metric}_values"]
+            ax.plot(values, [row] * len(values), "o", color="tab:blue")
+            ax.plot([entry[f"{metric}_mean"]] * 2, [row - 0.3, row + 0.3], color="tab:red")
+        ax.set_yticks(range(len(entries)), [e["run"] if len(e["run"]) < 40 else e["run"][:37] + "..." for e in entries],
+                      fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"{metric} (dots: seeds; bar: mean)")
+        ax.grid(alpha=0.3, axis="x")
+        if base is not None:
+            ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        paths.append(out / f"seeds_{metric}.png")
+        atomic_save_figure(fig, paths[-1])
+    return paths
+
+
 def compare_runs(run_dirs: list[Path], out: Path, baseline: str | None = None) -> tuple[tuple[Path, Path], list[Path]]:
-    """Write ``out/runs.csv``, ``out/runs.md``, ``out/seeds.md`` (:func:`seed_summary`, when some runs differ only in
-    their seed) and one plot per metric for ``run_dirs``; returns (tables, plots)."""
+    """Write ``out/runs.csv``, ``out/runs.md`` and one plot per metric for ``run_dirs``, and where some runs differ only
+    in their seed ``out/seeds.md`` (:func:`seed_summary`) and its plots; returns (tables, plots)."""
     runs = load_runs(run_dirs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     metrics, rows = final_rows(runs)
     summary = seed_summary(metrics, rows, baseline)
+    tables = write_tables(out, metrics, rows)
+    plots = plot_metrics(out, runs, metrics)
     if any(entry["seeds"] > 1 for entry in summary):
         write_seed_summary(out, metrics, summary)
-    return write_tables(out, metrics, rows), plot_metrics(out, runs, metrics)
+        plots += plot_seed_summary(out, metrics, summary, baseline)
+    return tables, plots
