@@ -182,6 +182,7 @@ for s in "${STEPS[@]}"; do
   fi
   set_command "$s" "$out"
   (( limit < TIMEOUT[$s] )) && note="timeout cut to ${limit} s by the budget"
+  : > "$log"  # the log exists before the report names it: a kill between the two leaves no dangling name
   record "$REPORT" "$s" running 0 "" "$log" "" ${note:+"$note"}
   echo "[gpu_check] ($n/${#STEPS[@]}) $s: running (estimate ${ESTIMATE[$s]} s, timeout ${limit} s) ..."
   t0=$SECONDS
