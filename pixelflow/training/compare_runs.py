@@ -120,6 +120,16 @@ def plot_metrics(out: Path, runs: list[dict[str, Any]], metrics: list[str]) -> l
 _SEED = re.compile(r"(^| )seed=\S+")
 
 
+def _baseline_entry(summary: list[dict[str, Any]], baseline: str | None) -> dict[str, Any] | None:
+    """The summary row labelled ``baseline`` (default the first row; None when there are no rows)."""
+    if not baseline:
+        return summary[0] if summary else None
+    base = next((e for e in summary if e["run"] == baseline), None)
+    if base is None:
+        raise ValueError(f"baseline {baseline!r} is none of the runs: {sorted({e['run'] for e in summary})}")
+    return base
+
+
 def seed_summary(metrics: list[str], rows: list[dict[str, Any]], baseline: str | None = None) -> list[dict[str, Any]]:
     """One row per group of runs equal but for their ``seed=`` override (and EMA rate): seeds, and per metric the
     mean, the spread max - min, and against the ``baseline`` group (its label; default the first group) the
@@ -137,9 +147,7 @@ def seed_summary(metrics: list[str], rows: list[dict[str, Any]], baseline: str |
             entry[f"{metric}_mean"] = statistics.fmean(values) if values else None
             entry[f"{metric}_spread"] = max(values) - min(values) if values else None
         summary.append(entry)
-    base = next((e for e in summary if e["run"] == baseline), None) if baseline else (summary[0] if summary else None)
-    if baseline and base is None:
-        raise ValueError(f"baseline {baseline!r} is none of the runs: {sorted({e['run'] for e in summary})}")
+    base = _baseline_entry(summary, baseline)
     for entry in summary:
         for metric in metrics:
             mean, spread = entry[f"{metric}_mean"], entry[f"{metric}_spread"]
@@ -167,7 +175,7 @@ def write_seed_summary(out: Path, metrics: list[str], summary: list[dict[str, An
 def plot_seed_summary(out: Path, metrics: list[str], summary: list[dict[str, Any]], baseline: str | None = None) -> list[Path]:
     """``out/seeds_<metric>.png`` per metric: one line per group of seeds, a dot per seed and a bar at the mean;
     the ``baseline`` group's range (default the first group's) shaded across, so "beyond spread" can be seen."""
-    base = next((e for e in summary if e["run"] == baseline), None) if baseline else (summary[0] if summary else None)
+    base = _baseline_entry(summary, baseline)
     paths = []
     for metric in metrics:
         entries = [e for e in summary if e[f"{metric}_values"]]
